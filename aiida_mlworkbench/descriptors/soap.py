@@ -1,0 +1,298 @@
+"""Species-aware sparse SOAP: DScribe's averaged SOAP over a large species list, computed from the species present.
+
+DScribe lays the SOAP power spectrum out as one block per species pair (Zi <= Zj, pairs in lexicographic order of the
+species sorted by atomic number), and a block of a pair whose species are absent from a structure is zero. An impurity
+cluster in an elemental host holds two of the 60 species, so only three of the 1830 blocks can be non-zero. DScribe
+still allocates and fills the dense 60-species row for every structure, which makes it slow. Here, each structure is
+described by a SOAP over only its own species (one small DScribe object per species set, created once and reused) and
+its blocks are moved to the columns they have in the full SOAP, using ``SOAP.get_location`` of both objects. The
+values are computed by the same DScribe code on the same neighbours and per-pair sums, so the result equals DScribe's
+full-species output exactly.
+
+That argument holds because no part of the uncompressed SOAP mixes species pairs: averaging ('inner' averages the
+expansion coefficients of each species over the centres, 'outer' the power spectra) and radial weighting act within
+each pair. It does not hold for the compressed SOAP variants (``mu2`` sums over all species, and species weights are
+defined over the whole list), so those are refused, and neither for ``average='off'``, which gives one row per atom
+rather than one per structure.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import typing as t
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import scipy.sparse
+from ase.data import atomic_numbers as ATOMIC_NUMBERS
+from ase.data import chemical_symbols as CHEMICAL_SYMBOLS
+from dscribe.descriptors import SOAP
+
+from .base import DEFAULT_BLOCK_SIZE, Descriptor, register_descriptor
+
+if t.TYPE_CHECKING:
+    import ase
+
+__all__ = ('SpeciesAwareSOAP',)
+
+SUPPORTED_AVERAGES = ('inner', 'outer')
+SUPPORTED_RBFS = ('gto', 'polynomial')
+SUPPORTED_DTYPES = ('float32', 'float64')
+
+
+@register_descriptor
+class SpeciesAwareSOAP(Descriptor):
+    """Averaged SOAP (one row per structure) over a fixed species list, equal to DScribe's ``SOAP(...).create``.
+
+    :param species: chemical symbols or atomic numbers spanning the feature space; ``None`` takes all species of the
+        structures given to :meth:`fit`. Stored as symbols sorted by atomic number, as DScribe orders them.
+    :param r_cut: cutoff radius in Angstrom (may be left out if ``weighting`` defines one).
+    :param n_max: number of radial basis functions.
+    :param l_max: maximum degree of the spherical harmonics.
+    :param sigma: width of the Gaussians that smear the atomic density, in Angstrom.
+    :param rbf: radial basis, ``'gto'`` or ``'polynomial'``.
+    :param average: ``'inner'`` or ``'outer'``, see DScribe's documentation.
+    :param weighting: DScribe's radial weighting dictionary, or ``None``.
+    :param periodic: whether to honour the periodic boundary conditions of the structures.
+    :param dtype: ``'float64'`` or ``'float32'``.
+    :param n_jobs: processes used by :meth:`iter_blocks`; it changes the speed, never the values, and is therefore not
+        part of :attr:`parameters`. ``-1`` means all cores.
+    """
+
+    name = 'soap'
+
+    def __init__(
+        self,
+        species: Sequence[str | int] | None = None,
+        r_cut: float | None = None,
+        n_max: int = 5,
+        l_max: int = 5,
+        sigma: float = 1.0,
+        rbf: str = 'gto',
+        average: str = 'inner',
+        weighting: Mapping[str, t.Any] | None = None,
+        periodic: bool = False,
+        dtype: str = 'float64',
+        compression: Mapping[str, t.Any] | None = None,
+        n_jobs: int = 1,
+    ) -> None:
+        if average not in SUPPORTED_AVERAGES:
+            raise ValueError(
+                f'average={average!r} is not supported: use one of {SUPPORTED_AVERAGES}. The descriptor gives one row '
+                "per structure; average='off' would give one row per atom."
+            )
+        if rbf not in SUPPORTED_RBFS:
+            raise ValueError(f'rbf={rbf!r} is not supported: use one of {SUPPORTED_RBFS}')
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f'dtype={dtype!r} is not supported: use one of {SUPPORTED_DTYPES}')
+        if compression is not None and (
+            compression.get('mode', 'off') != 'off' or compression.get('species_weighting') is not None
+        ):
+            raise ValueError(
+                f'compression={dict(compression)!r} is not supported: compressed SOAP mixes species, so it cannot be '
+                "computed from the species present only. Leave it out or use {'mode': 'off'}."
+            )
+        if r_cut is None and not weighting:
+            raise ValueError('either r_cut or a weighting that defines the cutoff is needed')
+        if not isinstance(n_jobs, int) or n_jobs == 0:
+            raise ValueError(f'n_jobs must be a non-zero integer, got {n_jobs!r}')
+
+        self.r_cut = None if r_cut is None else float(r_cut)
+        self.n_max = int(n_max)
+        self.l_max = int(l_max)
+        self.sigma = float(sigma)
+        self.rbf = rbf
+        self.average = average
+        self.weighting = None if weighting is None else dict(copy.deepcopy(weighting))
+        self.periodic = bool(periodic)
+        self._dtype = dtype
+        self.n_jobs = n_jobs
+        self._species: tuple[str, ...] | None = None
+        self._full_soap: SOAP | None = None
+        self._per_species_set: dict[tuple[int, ...], tuple[SOAP, np.ndarray]] = {}
+        if species is not None:
+            self._set_species(species)
+
+    # -- the feature space ---------------------------------------------------------------------------------------
+
+    @property
+    def species(self) -> tuple[str, ...] | None:
+        """Chemical symbols of the feature space, sorted by atomic number; ``None`` until given or fitted."""
+        return self._species
+
+    @property
+    def dtype(self) -> str:
+        return self._dtype
+
+    @property
+    def n_features(self) -> int:
+        return int(self._require_full_soap().get_number_of_features())
+
+    @property
+    def parameters(self) -> dict[str, t.Any]:
+        return {
+            'name': self.name,
+            'species': list(self._require_species()),
+            'r_cut': self.r_cut,
+            'n_max': self.n_max,
+            'l_max': self.l_max,
+            'sigma': self.sigma,
+            'rbf': self.rbf,
+            'average': self.average,
+            'weighting': copy.deepcopy(self.weighting),
+            'periodic': self.periodic,
+            'dtype': self._dtype,
+        }
+
+    def get_location(self, species_pair: tuple[str | int, str | int]) -> slice:
+        """Columns of the block of ``species_pair`` in the feature matrix (DScribe's ``SOAP.get_location``)."""
+        return self._require_full_soap().get_location(species_pair)
+
+    def fit(self, structures: Sequence[ase.Atoms]) -> SpeciesAwareSOAP:
+        """Take the species of ``structures`` as the species list if none was given, else check they are covered."""
+        if self._species is None:
+            present = sorted({int(number) for structure in structures for number in structure.get_atomic_numbers()})
+            if not present:
+                raise ValueError('cannot infer the species from structures without atoms')
+            self._set_species(present)
+        else:
+            for index, structure in enumerate(structures):
+                self._check_species(structure, index)
+        return self
+
+    # -- computing rows ------------------------------------------------------------------------------------------
+
+    def iter_blocks(
+        self, structures: Sequence[ase.Atoms], block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> Iterator[scipy.sparse.csr_array]:
+        """Yield CSR blocks of at most ``block_size`` rows, in input order; with ``n_jobs != 1`` blocks run in parallel.
+
+        With several processes, at most about ``2 * n_jobs`` blocks are in flight at a time, so memory stays bounded.
+        """
+        if block_size < 1:
+            raise ValueError(f'block_size must be positive, got {block_size}')
+        self._require_full_soap()
+        starts = range(0, len(structures), block_size)
+        if self.n_jobs == 1 or len(starts) <= 1:
+            for start in starts:
+                yield self._create_block(structures[start : start + block_size], offset=start)
+            return
+
+        import joblib
+
+        parameters = json.dumps(self.parameters, sort_keys=True)
+        yield from joblib.Parallel(n_jobs=self.n_jobs, return_as='generator')(
+            joblib.delayed(_create_block_in_worker)(parameters, structures[start : start + block_size], start)
+            for start in starts
+        )
+
+    def _create_block(self, structures: Sequence[ase.Atoms], offset: int = 0) -> scipy.sparse.csr_array:
+        """Rows of ``structures``: one small DScribe call per species set, then the columns moved to global ones."""
+        rows_of_species_set: dict[tuple[int, ...], list[int]] = {}
+        for row, structure in enumerate(structures):
+            key = self._check_species(structure, offset + row)
+            rows_of_species_set.setdefault(key, []).append(row)
+
+        row_parts, column_parts, value_parts = [], [], []
+        for key, rows in rows_of_species_set.items():
+            soap, global_columns = self._soap_of_species_set(key)
+            values = np.atleast_2d(soap.create([structures[row] for row in rows]))
+            nonzero_rows, nonzero_columns = np.nonzero(values)
+            row_parts.append(np.asarray(rows, dtype=np.int64)[nonzero_rows])
+            column_parts.append(global_columns[nonzero_columns])
+            value_parts.append(values[nonzero_rows, nonzero_columns])
+
+        shape = (len(structures), self.n_features)
+        if not value_parts:
+            return scipy.sparse.csr_array(shape, dtype=self._dtype)
+        coordinates = (np.concatenate(row_parts), np.concatenate(column_parts))
+        return scipy.sparse.csr_array((np.concatenate(value_parts), coordinates), shape=shape, dtype=self._dtype)
+
+    def _soap_of_species_set(self, key: tuple[int, ...]) -> tuple[SOAP, np.ndarray]:
+        """DScribe SOAP over the species ``key`` and the global column of each of its columns, cached per species set."""
+        cached = self._per_species_set.get(key)
+        if cached is not None:
+            return cached
+        full_soap = self._require_full_soap()
+        soap = self._dscribe_soap(list(key), sparse=False)
+        global_columns = np.full(soap.get_number_of_features(), -1, dtype=np.int64)
+        for i, first in enumerate(key):
+            for second in key[i:]:
+                local = soap.get_location((first, second))
+                target = full_soap.get_location((first, second))
+                global_columns[local] = np.arange(target.start, target.stop, dtype=np.int64)
+        if (global_columns < 0).any():  # Would mean DScribe's layout is not one block per species pair any more.
+            raise RuntimeError(f'DScribe SOAP blocks of species {key} do not cover all its features')
+        self._per_species_set[key] = (soap, global_columns)
+        return soap, global_columns
+
+    def _dscribe_soap(self, species: Sequence[str | int], sparse: bool) -> SOAP:
+        return SOAP(
+            species=species,
+            r_cut=self.r_cut,
+            n_max=self.n_max,
+            l_max=self.l_max,
+            sigma=self.sigma,
+            rbf=self.rbf,
+            weighting=copy.deepcopy(self.weighting),  # DScribe writes into the dictionary.
+            average=self.average,
+            periodic=self.periodic,
+            sparse=sparse,
+            dtype=self._dtype,
+        )
+
+    def _check_species(self, structure: ase.Atoms, index: int) -> tuple[int, ...]:
+        """Return the sorted atomic numbers of ``structure``; raise if one is outside the species list."""
+        numbers = tuple(int(number) for number in np.unique(structure.get_atomic_numbers()))
+        allowed = self._require_full_soap()._atomic_number_set
+        missing = [number for number in numbers if number not in allowed]
+        if missing:
+            symbols = ', '.join(CHEMICAL_SYMBOLS[number] for number in missing)
+            raise ValueError(
+                f'structure {index} ({structure.get_chemical_formula()}) contains species not in the descriptor '
+                f'species list: {symbols}'
+            )
+        if not numbers:
+            raise ValueError(f'structure {index} has no atoms')
+        return numbers
+
+    def _set_species(self, species: Sequence[str | int]) -> None:
+        if isinstance(species, str):
+            raise ValueError(f'species must be a list of symbols or atomic numbers, got the string {species!r}')
+        numbers = set()
+        for entry in species:
+            number = ATOMIC_NUMBERS.get(entry) if isinstance(entry, str) else int(entry)
+            if number is None or not 0 < number < len(CHEMICAL_SYMBOLS):
+                raise ValueError(f'unknown chemical species {entry!r}')
+            numbers.add(number)
+        if not numbers:
+            raise ValueError('the species list is empty')
+        self._species = tuple(CHEMICAL_SYMBOLS[number] for number in sorted(numbers))
+        self._full_soap = self._dscribe_soap(sorted(numbers), sparse=True)  # Validates the other parameters too.
+        self._per_species_set = {}
+
+    def _require_species(self) -> tuple[str, ...]:
+        if self._species is None:
+            raise ValueError('the species list is not set: pass species=... or call fit(structures) first')
+        return self._species
+
+    def _require_full_soap(self) -> SOAP:
+        self._require_species()
+        return t.cast(SOAP, self._full_soap)
+
+    def __getstate__(self) -> dict[str, t.Any]:
+        state = self.__dict__.copy()
+        state['_per_species_set'] = {}  # Cheap to rebuild; keeps pickles for worker processes small.
+        return state
+
+
+@functools.lru_cache(maxsize=8)
+def _descriptor_in_worker(parameters: str) -> SpeciesAwareSOAP:
+    """One descriptor per parameter set and process, so its cache of DScribe objects lives across blocks."""
+    return SpeciesAwareSOAP.from_parameters(json.loads(parameters))
+
+
+def _create_block_in_worker(parameters: str, structures: Sequence[ase.Atoms], offset: int) -> scipy.sparse.csr_array:
+    return _descriptor_in_worker(parameters)._create_block(structures, offset=offset)
