@@ -1,0 +1,478 @@
+"""Data type for a sparse feature matrix: CSR arrays in one HDF5 file in the node repository.
+
+SOAP feature matrices of an impurity database are 99.9 % zeros; dense they need tens of GB. This node keeps the CSR
+arrays (``data``, ``indices``, ``indptr``) in chunked HDF5 datasets, so that a block of rows reads without the rest, and
+writes them in a canonical layout so that equal content gives byte-identical files (equal node hashes: AiiDA caching
+works).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import pathlib
+import tempfile
+import typing as t
+from collections.abc import Iterable, Iterator, Mapping
+
+import h5py
+import numpy as np
+import scipy.sparse
+from aiida.orm import Data
+
+__all__ = ('CorruptedFeatureMatrixError', 'SparseFeatureMatrix')
+
+SUPPORTED_DTYPES = ('float32', 'float64')
+INDPTR_DTYPE = np.dtype('int64')
+FORMAT_VERSION = 1
+
+#: Elements per HDF5 chunk of ``data`` and ``indices``: 2**16 doubles is 512 kB, so a 256-row block of a SOAP matrix
+#: at n_max = l_max = 9 (about 440k non-zeros) touches about seven chunks.
+ELEMENT_CHUNK = 2**16
+INDPTR_CHUNK = 2**14
+#: Rows per slab when copying or hashing, which bounds memory while streaming.
+COPY_SLAB = 2**22
+
+SparseInput = t.Any  # scipy.sparse matrix or array, or a pydata sparse array
+
+
+class CorruptedFeatureMatrixError(Exception):
+    """The HDF5 file in the repository does not hold what the node's attributes say it holds."""
+
+
+def _indices_dtype(n_features: int) -> np.dtype:
+    return np.dtype('int32') if n_features < np.iinfo(np.int32).max else np.dtype('int64')
+
+
+def _to_csr(block: SparseInput) -> scipy.sparse.csr_array:
+    """Convert one block from scipy.sparse or pydata ``sparse`` to a ``csr_array``, without densifying it."""
+    if isinstance(block, scipy.sparse.csr_array):
+        return block
+    if scipy.sparse.issparse(block):
+        return scipy.sparse.csr_array(block)
+    module = type(block).__module__.split('.')[0]
+    if module == 'sparse' and hasattr(block, 'to_scipy_sparse'):
+        if block.ndim != 2:
+            raise ValueError(f'a feature matrix has two dimensions (rows, features), got a {block.ndim}-d array')
+        return scipy.sparse.csr_array(block.to_scipy_sparse())
+    if isinstance(block, np.ndarray):
+        raise TypeError(
+            'got a dense numpy array: a feature matrix is stored sparse and never densified; '
+            'pass scipy.sparse.csr_array(array) if you really mean to convert a dense array'
+        )
+    raise TypeError(
+        f'cannot build a feature matrix from {type(block).__name__}: pass a scipy.sparse matrix or array, '
+        'a pydata sparse.COO array (what DScribe returns), or an iterable of such row blocks'
+    )
+
+
+def _canonical_block(block: SparseInput, n_features: int, dtype: np.dtype, row_offset: int) -> scipy.sparse.csr_array:
+    """Validate a block of rows and return it in canonical CSR form (sorted indices, no duplicates, no stored zeros).
+
+    Every check names the problem and, where the block came from a stream, the first affected row.
+    """
+    csr = _to_csr(block)
+    if csr.ndim != 2:
+        raise ValueError(f'a feature matrix has two dimensions (rows, features), got shape {csr.shape}')
+    if csr.shape[1] != n_features:
+        raise ValueError(
+            f'the block starting at row {row_offset} has {csr.shape[1]} columns, expected {n_features} features'
+        )
+    if csr.dtype.name not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f'unsupported dtype {csr.dtype}: features are stored as one of {SUPPORTED_DTYPES}; '
+            f'convert with .astype(numpy.float64) first'
+        )
+    data, indices, indptr = np.asarray(csr.data), np.asarray(csr.indices), np.asarray(csr.indptr)
+    n_rows = csr.shape[0]
+    if indptr.shape != (n_rows + 1,) or indptr[0] != 0:
+        raise ValueError(f'invalid indptr: expected {n_rows + 1} entries starting at 0, got shape {indptr.shape}')
+    if np.any(np.diff(indptr) < 0):
+        row = int(np.argmax(np.diff(indptr) < 0))
+        raise ValueError(f'invalid indptr: it decreases at row {row_offset + row}; indptr must be non-decreasing')
+    if indptr[-1] != data.size or data.size != indices.size:
+        raise ValueError(
+            f'invalid CSR arrays: indptr ends at {indptr[-1]} but there are {indices.size} indices '
+            f'and {data.size} values; the three must agree'
+        )
+    if indices.size and (indices.min() < 0 or indices.max() >= n_features):
+        bad = int(np.flatnonzero((indices < 0) | (indices >= n_features))[0])
+        row = int(np.searchsorted(indptr, bad, side='right') - 1)
+        raise ValueError(
+            f'column index {int(indices[bad])} in row {row_offset + row} is out of range for {n_features} features'
+        )
+    if not np.all(np.isfinite(data)):
+        bad = int(np.flatnonzero(~np.isfinite(data))[0])
+        row = int(np.searchsorted(indptr, bad, side='right') - 1)
+        raise ValueError(
+            f'non-finite value {data[bad]} in row {row_offset + row}, column {int(indices[bad])}: '
+            'features must be finite numbers'
+        )
+    # Canonical form, on a copy so that the caller's matrix is not modified.
+    canonical = scipy.sparse.csr_array(
+        (data.astype(dtype, copy=True), indices.astype(_indices_dtype(n_features), copy=True), indptr.copy()),
+        shape=csr.shape,
+    )
+    canonical.sum_duplicates()
+    canonical.eliminate_zeros()
+    return canonical
+
+
+def _csr_from_arrays(
+    data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]
+) -> scipy.sparse.csr_array:
+    """Build a ``csr_array`` with 32-bit index arrays wherever they fit: scikit-learn's SVMs accept nothing else."""
+    if indices.dtype == np.int32 and (indptr.size == 0 or indptr[-1] <= np.iinfo(np.int32).max):
+        indptr = indptr.astype(np.int32)
+    return scipy.sparse.csr_array((data, indices, indptr), shape=shape, copy=False)
+
+
+class _ContentHasher:
+    """SHA-256 of the CSR content that does not depend on how the rows were split into blocks."""
+
+    def __init__(self) -> None:
+        self._indptr = hashlib.sha256()
+        self._indices = hashlib.sha256()
+        self._data = hashlib.sha256()
+
+    def update(self, indptr_tail: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        """Add rows: ``indptr_tail`` is their part of the global ``indptr`` without its leading zero."""
+        self.update_one('indptr', np.asarray(indptr_tail, dtype=INDPTR_DTYPE))
+        self.update_one('indices', indices)
+        self.update_one('data', data)
+
+    def update_one(self, name: str, values: np.ndarray) -> None:
+        getattr(self, f'_{name}').update(np.ascontiguousarray(values).tobytes())
+
+    def hexdigest(self, shape: tuple[int, int], dtype: np.dtype, indices_dtype: np.dtype) -> str:
+        header = json.dumps({'shape': list(shape), 'dtype': dtype.name, 'indices': indices_dtype.name})
+        total = hashlib.sha256(header.encode())
+        for part in (self._indptr, self._indices, self._data):
+            total.update(part.digest())
+        return f'sha256:{total.hexdigest()}'
+
+
+class SparseFeatureMatrix(Data):
+    """A sparse feature matrix (rows are samples, columns are features) stored as CSR in an HDF5 file.
+
+    Build it from a ``scipy.sparse`` matrix or array, a pydata ``sparse.COO`` array (what DScribe returns), or, for
+    matrices larger than memory, from an iterable of row blocks with :meth:`from_blocks`. The content is validated
+    before anything is written; a node whose content fails validation is never created.
+
+    Queryable attributes: ``shape``, ``n_rows``, ``n_features``, ``nnz``, ``dtype``, ``descriptor`` (free parameters
+    filled in by the featurizer: name, species, cutoffs, ...) and ``checksum``.
+    """
+
+    FILENAME = 'features.h5'
+
+    def __init__(
+        self,
+        matrix: SparseInput | None = None,
+        *,
+        descriptor: Mapping[str, t.Any] | None = None,
+        dtype: str | np.dtype | None = None,
+        **kwargs: t.Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if matrix is not None:
+            csr = _to_csr(matrix)
+            self._write_blocks([csr], n_features=csr.shape[1], dtype=dtype or csr.dtype, descriptor=descriptor)
+
+    @classmethod
+    def from_blocks(
+        cls,
+        blocks: Iterable[SparseInput],
+        n_features: int,
+        *,
+        descriptor: Mapping[str, t.Any] | None = None,
+        dtype: str | np.dtype = 'float64',
+        **kwargs: t.Any,
+    ) -> SparseFeatureMatrix:
+        """Build a matrix from an iterable of row blocks, holding only one block in memory at a time.
+
+        :param blocks: row blocks, each a scipy.sparse or pydata sparse 2-d array with ``n_features`` columns.
+        :param n_features: number of columns (features).
+        :param descriptor: JSON-serialisable parameters of the descriptor that made the features.
+        :param dtype: stored value type, ``float32`` or ``float64``.
+        """
+        node = cls(**kwargs)
+        node._write_blocks(blocks, n_features=n_features, dtype=dtype, descriptor=descriptor)
+        return node
+
+    def _write_blocks(
+        self,
+        blocks: Iterable[SparseInput],
+        *,
+        n_features: int,
+        dtype: str | np.dtype,
+        descriptor: Mapping[str, t.Any] | None,
+    ) -> None:
+        """Validate and write the blocks: first appended to raw scratch files, then copied into the HDF5 file.
+
+        The two passes make the HDF5 layout independent of how the rows were split into blocks (datasets of final
+        size, chunks written in order), hence equal content gives equal bytes.
+        """
+        dtype = np.dtype(dtype)
+        if dtype.name not in SUPPORTED_DTYPES:
+            raise ValueError(f'unsupported dtype {dtype}: features are stored as one of {SUPPORTED_DTYPES}')
+        if not isinstance(n_features, (int, np.integer)) or n_features < 1:
+            raise ValueError(f'n_features must be a positive integer, got {n_features!r}')
+        n_features = int(n_features)
+        indices_dtype = _indices_dtype(n_features)
+        descriptor = dict(descriptor or {})
+        try:
+            json.dumps(descriptor)
+        except TypeError as exception:
+            raise ValueError(f'descriptor parameters must be JSON-serialisable: {exception}') from exception
+
+        hasher = _ContentHasher()
+        n_rows = 0
+        nnz = 0
+        with tempfile.TemporaryDirectory(prefix='mlworkbench-') as tmpdir:
+            scratch = pathlib.Path(tmpdir)
+            with (
+                open(scratch / 'data', 'wb') as data_file,
+                open(scratch / 'indices', 'wb') as indices_file,
+                open(scratch / 'indptr', 'wb') as indptr_file,
+            ):
+                np.zeros(1, dtype=INDPTR_DTYPE).tofile(indptr_file)
+                for block in blocks:
+                    csr = _canonical_block(block, n_features, dtype, n_rows)
+                    indptr_tail = csr.indptr[1:].astype(INDPTR_DTYPE) + nnz
+                    csr.data.tofile(data_file)
+                    csr.indices.tofile(indices_file)
+                    indptr_tail.tofile(indptr_file)
+                    hasher.update(indptr_tail, csr.indices, csr.data)
+                    n_rows += csr.shape[0]
+                    nnz += csr.nnz
+            if n_rows == 0:
+                raise ValueError('the feature matrix has no rows: give at least one sample')
+
+            shape = (n_rows, n_features)
+            filepath = scratch / self.FILENAME
+            with h5py.File(filepath, 'w', libver='earliest') as handle:
+                handle.attrs['format_version'] = FORMAT_VERSION
+                handle.attrs['shape'] = np.array(shape, dtype='int64')
+                for name, dset_dtype, size, chunk in (
+                    ('data', dtype, nnz, ELEMENT_CHUNK),
+                    ('indices', indices_dtype, nnz, ELEMENT_CHUNK),
+                    ('indptr', INDPTR_DTYPE, n_rows + 1, INDPTR_CHUNK),
+                ):
+                    dataset = handle.create_dataset(
+                        name,
+                        shape=(size,),
+                        dtype=dset_dtype,
+                        chunks=(min(chunk, size),) if size else None,
+                        fletcher32=bool(size),
+                        track_times=False,
+                    )
+                    source = np.memmap(scratch / name, dtype=dset_dtype, mode='r') if size else np.empty(0)
+                    for start in range(0, size, COPY_SLAB):
+                        dataset[start : start + COPY_SLAB] = source[start : start + COPY_SLAB]
+                    del source
+            self.base.repository.put_object_from_file(str(filepath), self.FILENAME)
+
+        self.base.attributes.set_many(
+            {
+                'shape': list(shape),
+                'n_rows': n_rows,
+                'n_features': n_features,
+                'nnz': nnz,
+                'dtype': dtype.name,
+                'descriptor': descriptor,
+                'checksum': hasher.hexdigest(shape, dtype, indices_dtype),
+                'filename': self.FILENAME,
+                'format_version': FORMAT_VERSION,
+            }
+        )
+
+    def _validate(self) -> bool:
+        """Refuse to store a node without a matrix, or whose file disagrees with its attributes."""
+        super()._validate()
+        if self.FILENAME not in self.base.repository.list_object_names():
+            raise ValueError(
+                'this SparseFeatureMatrix holds no matrix: build it with SparseFeatureMatrix(matrix) or from_blocks()'
+            )
+        with self._open() as handle:
+            self._check_layout(handle)
+        return True
+
+    # Queryable properties ---------------------------------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(number of rows, number of features)."""
+        n_rows, n_features = self.base.attributes.get('shape')
+        return n_rows, n_features
+
+    @property
+    def n_rows(self) -> int:
+        return self.base.attributes.get('n_rows')
+
+    @property
+    def n_features(self) -> int:
+        return self.base.attributes.get('n_features')
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored (non-zero) values."""
+        return self.base.attributes.get('nnz')
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.base.attributes.get('dtype'))
+
+    @property
+    def descriptor(self) -> dict[str, t.Any]:
+        """Parameters of the descriptor that made these features (name, species, cutoffs, ...)."""
+        return self.base.attributes.get('descriptor', {})
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 of the CSR content, independent of how it was written."""
+        return self.base.attributes.get('checksum')
+
+    @property
+    def density(self) -> float:
+        """Fraction of entries that are non-zero."""
+        n_rows, n_features = self.shape
+        return self.nnz / (n_rows * n_features)
+
+    # Reading ----------------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[h5py.File]:
+        """Open the HDF5 file through the repository's own file handle: no temporary copy of a large file."""
+        with self.base.repository.open(self.FILENAME, mode='rb') as stream, h5py.File(stream, 'r') as handle:
+            yield handle
+
+    def _check_layout(self, handle: h5py.File) -> None:
+        """Cheap consistency checks between the file and the attributes (no data is read)."""
+        try:
+            n_rows, n_features = self.shape
+            expected = {
+                'data': (self.nnz,),
+                'indices': (self.nnz,),
+                'indptr': (n_rows + 1,),
+            }
+            found = {name: handle[name].shape for name in expected}
+            file_shape = tuple(int(x) for x in handle.attrs['shape'])
+        except (KeyError, OSError, TypeError) as exception:
+            raise CorruptedFeatureMatrixError(self._corruption_message(f'unreadable layout ({exception})')) from None
+        if found != expected or file_shape != (n_rows, n_features):
+            raise CorruptedFeatureMatrixError(
+                self._corruption_message(f'datasets {found} / shape {file_shape} disagree with the attributes')
+            )
+
+    def _corruption_message(self, detail: str) -> str:
+        return (
+            f'the feature file of SparseFeatureMatrix<{self.pk or "unstored"}> is corrupted or was tampered with: '
+            f'{detail}. Re-create the node (rerun the featurization) or re-import it from a trusted archive.'
+        )
+
+    def _read(self, dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
+        try:
+            return dataset[start:stop]
+        except OSError as exception:
+            raise CorruptedFeatureMatrixError(self._corruption_message(str(exception))) from None
+
+    def _read_raw(self, handle: h5py.File, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Read the CSR arrays of rows ``start:stop`` as stored (``indptr`` not yet shifted to start at zero)."""
+        indptr = self._read(handle['indptr'], start, stop + 1)
+        low, high = int(indptr[0]), int(indptr[-1])
+        return indptr, self._read(handle['indices'], low, high), self._read(handle['data'], low, high)
+
+    def _read_row_range(self, handle: h5py.File, start: int, stop: int) -> scipy.sparse.csr_array:
+        indptr, indices, data = self._read_raw(handle, start, stop)
+        return _csr_from_arrays(data, indices, indptr - indptr[0], (stop - start, self.n_features))
+
+    def _check_checksum(self, hasher: _ContentHasher, indices_dtype: np.dtype) -> None:
+        if hasher.hexdigest(self.shape, self.dtype, indices_dtype) != self.checksum:
+            raise CorruptedFeatureMatrixError(self._corruption_message('content checksum mismatch'))
+
+    def get_matrix(self, kind: t.Literal['array', 'matrix'] = 'array', *, verify: bool = True):
+        """Return the whole matrix as ``scipy.sparse.csr_array`` (``kind='array'``) or ``csr_matrix``.
+
+        :param verify: check the content against the stored checksum (detects a tampered file).
+        :raises CorruptedFeatureMatrixError: if the file does not hold what the attributes say.
+        """
+        if kind not in ('array', 'matrix'):
+            raise ValueError(f"kind must be 'array' or 'matrix', got {kind!r}")
+        with self._open() as handle:
+            self._check_layout(handle)
+            indptr, indices, data = self._read_raw(handle, 0, self.n_rows)
+        if verify:
+            hasher = _ContentHasher()
+            hasher.update(indptr[1:], indices, data)
+            self._check_checksum(hasher, indices.dtype)
+        matrix = _csr_from_arrays(data, indices, indptr, self.shape)
+        return scipy.sparse.csr_matrix(matrix) if kind == 'matrix' else matrix
+
+    def get_rows(self, rows: slice | Iterable[int] | np.ndarray) -> scipy.sparse.csr_array:
+        """Return a block of rows, by slice or by an array of row indices (in the order given).
+
+        Only the chunks that hold the requested rows are read; HDF5 per-chunk checksums detect corrupted chunks.
+        """
+        n_rows = self.n_rows
+        with self._open() as handle:
+            self._check_layout(handle)
+            if isinstance(rows, slice):
+                start, stop, step = rows.indices(n_rows)
+                if step == 1:
+                    return self._read_row_range(handle, start, max(start, stop))
+                rows = np.arange(start, stop, step)
+            index = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows)
+            if index.size == 0:
+                return scipy.sparse.csr_array((0, self.n_features), dtype=self.dtype)
+            if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
+                raise ValueError('rows must be a slice or a one-dimensional sequence of integer row indices')
+            index = np.where(index < 0, index + n_rows, index)
+            if index.min() < 0 or index.max() >= n_rows:
+                raise IndexError(f'row index out of range for a matrix with {n_rows} rows')
+            low, high = int(index.min()), int(index.max()) + 1
+            if high - low <= 4 * index.size:
+                return self._read_row_range(handle, low, high)[index - low]
+            # Scattered rows: read covering blocks one at a time, keeping only the requested rows.
+            order = np.argsort(index, kind='stable')
+            sorted_index = index[order]
+            pieces = []
+            block = max(1024, index.size)
+            for start in range(low, high, block):
+                stop = min(start + block, high)
+                lo, hi = np.searchsorted(sorted_index, [start, stop])
+                if hi > lo:
+                    pieces.append(self._read_row_range(handle, start, stop)[sorted_index[lo:hi] - start])
+            gathered = scipy.sparse.vstack(pieces, format='csr')
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(order.size)
+            return scipy.sparse.csr_array(gathered[inverse])
+
+    def iter_blocks(self, block_size: int = 1024) -> Iterator[scipy.sparse.csr_array]:
+        """Iterate over consecutive row blocks of at most ``block_size`` rows; memory is bounded by one block."""
+        if block_size < 1:
+            raise ValueError(f'block_size must be positive, got {block_size}')
+        with self._open() as handle:
+            self._check_layout(handle)
+            for start in range(0, self.n_rows, block_size):
+                yield self._read_row_range(handle, start, min(start + block_size, self.n_rows))
+
+    def verify(self) -> None:
+        """Stream through the whole file in slabs and check it against the stored checksum.
+
+        :raises CorruptedFeatureMatrixError: if the content differs from what was stored.
+        """
+        hasher = _ContentHasher()
+        with self._open() as handle:
+            self._check_layout(handle)
+            # The checksum hashes each array as one stream, so slab boundaries do not matter.
+            for name, offset in (('indptr', 1), ('indices', 0), ('data', 0)):
+                dataset = handle[name]
+                for start in range(offset, dataset.shape[0], COPY_SLAB):
+                    hasher.update_one(name, self._read(dataset, start, start + COPY_SLAB))
+            indices_dtype = handle['indices'].dtype
+        self._check_checksum(hasher, indices_dtype)
+
+    def __repr__(self) -> str:
+        n_rows, n_features = self.base.attributes.get('shape', (0, 0))
+        return f'<{type(self).__name__}: {n_rows} x {n_features}, nnz={self.nnz} uuid: {self.uuid} (pk: {self.pk})>'
