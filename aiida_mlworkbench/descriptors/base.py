@@ -53,7 +53,7 @@ class Descriptor(abc.ABC):
     @property
     @abc.abstractmethod
     def parameters(self) -> dict[str, t.Any]:
-        """JSON-serialisable parameters, including ``name``, that recreate this descriptor with :meth:`from_parameters`."""
+        """JSON-serialisable parameters, including ``name``, from which :meth:`from_parameters` recreates it."""
 
     @abc.abstractmethod
     def iter_blocks(

@@ -26,8 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import scipy.sparse
-from ase.data import atomic_numbers as ATOMIC_NUMBERS
-from ase.data import chemical_symbols as CHEMICAL_SYMBOLS
+from ase.data import atomic_numbers, chemical_symbols
 from dscribe.descriptors import SOAP
 
 from .base import DEFAULT_BLOCK_SIZE, Descriptor, register_descriptor
@@ -66,6 +65,7 @@ class SpeciesAwareSOAP(Descriptor):
     def __init__(
         self,
         species: Sequence[str | int] | None = None,
+        *,
         r_cut: float | None = None,
         n_max: int = 5,
         l_max: int = 5,
@@ -211,7 +211,7 @@ class SpeciesAwareSOAP(Descriptor):
         return scipy.sparse.csr_array((np.concatenate(value_parts), coordinates), shape=shape, dtype=self._dtype)
 
     def _soap_of_species_set(self, key: tuple[int, ...]) -> tuple[SOAP, np.ndarray]:
-        """DScribe SOAP over the species ``key`` and the global column of each of its columns, cached per species set."""
+        """DScribe SOAP over the species ``key`` and the global column of each of its columns, cached."""
         cached = self._per_species_set.get(key)
         if cached is not None:
             return cached
@@ -249,7 +249,7 @@ class SpeciesAwareSOAP(Descriptor):
         allowed = self._require_full_soap()._atomic_number_set
         missing = [number for number in numbers if number not in allowed]
         if missing:
-            symbols = ', '.join(CHEMICAL_SYMBOLS[number] for number in missing)
+            symbols = ', '.join(chemical_symbols[number] for number in missing)
             raise ValueError(
                 f'structure {index} ({structure.get_chemical_formula()}) contains species not in the descriptor '
                 f'species list: {symbols}'
@@ -263,13 +263,13 @@ class SpeciesAwareSOAP(Descriptor):
             raise ValueError(f'species must be a list of symbols or atomic numbers, got the string {species!r}')
         numbers = set()
         for entry in species:
-            number = ATOMIC_NUMBERS.get(entry) if isinstance(entry, str) else int(entry)
-            if number is None or not 0 < number < len(CHEMICAL_SYMBOLS):
+            number = atomic_numbers.get(entry) if isinstance(entry, str) else int(entry)
+            if number is None or not 0 < number < len(chemical_symbols):
                 raise ValueError(f'unknown chemical species {entry!r}')
             numbers.add(number)
         if not numbers:
             raise ValueError('the species list is empty')
-        self._species = tuple(CHEMICAL_SYMBOLS[number] for number in sorted(numbers))
+        self._species = tuple(chemical_symbols[number] for number in sorted(numbers))
         self._full_soap = self._dscribe_soap(sorted(numbers), sparse=True)  # Validates the other parameters too.
         self._per_species_set = {}
 
