@@ -239,11 +239,14 @@ class SparseFeatureMatrix(Data):
                 np.zeros(1, dtype=INDPTR_DTYPE).tofile(indptr_file)
                 for block in blocks:
                     csr = _canonical_block(block, n_features, dtype, n_rows)
+                    # scipy may have changed the index dtype on the way: cast to what the file stores.
                     indptr_tail = csr.indptr[1:].astype(INDPTR_DTYPE) + nnz
-                    csr.data.tofile(data_file)
-                    csr.indices.tofile(indices_file)
+                    indices = csr.indices.astype(indices_dtype, copy=False)
+                    values = csr.data.astype(dtype, copy=False)
+                    values.tofile(data_file)
+                    indices.tofile(indices_file)
                     indptr_tail.tofile(indptr_file)
-                    hasher.update(indptr_tail, csr.indices, csr.data)
+                    hasher.update(indptr_tail, indices, values)
                     n_rows += csr.shape[0]
                     nnz += csr.nnz
             if n_rows == 0:
