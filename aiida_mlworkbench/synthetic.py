@@ -1,0 +1,380 @@
+"""A synthetic impurity database for demonstrations and benchmarks, at the scale of a real aiida-kkr one.
+
+It holds exactly the Data nodes a user gives aiida-kkr's ``kkr_imp_wc``: host crystals as ``StructureData`` (primitive
+cells of elements in their bcc, fcc or hcp reference state, with ASE's reference lattice constants) and
+``impurity_info`` ``Dict`` nodes ``{'ilayer_center': 0, 'Rcut': <Angstrom>, 'Zimp': [<Z>]}``. No calculation ran on
+them, so no process node is made: a synthetic database has no fake provenance.
+
+The group holds the hosts and the ``impurity_info`` nodes. Each ``impurity_info`` carries the extras
+:data:`EXTRA_HOST_UUID` (the UUID of its host) and :data:`EXTRA_INDEX` (its position in the database);
+:func:`iter_synthetic_embeddings` yields the ``(host, impurity_info)`` pairs in that order.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import typing as t
+
+import numpy as np
+from aiida import orm
+from aiida.orm.entities import EntityTypes
+
+__all__ = (
+    'EXTRA_HOST_UUID',
+    'EXTRA_INDEX',
+    'EXTRA_SYNTHETIC',
+    'HOST_ELEMENTS',
+    'HOST_STRAINS',
+    'IMPURITY_SPECIES',
+    'LATTICE_CLASSES',
+    'SyntheticEmbedding',
+    'create_synthetic_database',
+    'default_group_label',
+    'iter_synthetic_embeddings',
+    'max_database_size',
+    'plan_synthetic_database',
+    'two_shell_cutoff',
+)
+
+LatticeClass = t.Literal['bcc', 'fcc', 'hcp']
+LATTICE_CLASSES: tuple[LatticeClass, ...] = ('bcc', 'fcc', 'hcp')
+
+HOST_ELEMENTS: dict[LatticeClass, tuple[str, ...]] = {
+    'bcc': ('Li', 'Na', 'K', 'V', 'Cr', 'Fe', 'Rb', 'Nb', 'Mo', 'Cs', 'Ba', 'Eu', 'Ta', 'W'),
+    'fcc': ('Al', 'Ca', 'Ni', 'Cu', 'Sr', 'Rh', 'Pd', 'Ag', 'Ce', 'Yb', 'Ir', 'Pt', 'Au', 'Pb'),
+    'hcp': (
+        'Be', 'Mg', 'Sc', 'Ti', 'Co', 'Zn', 'Y', 'Zr', 'Ru', 'Cd', 'La', 'Pr',
+        'Nd', 'Gd', 'Tb', 'Dy', 'Ho', 'Er', 'Tm', 'Lu', 'Hf', 'Re', 'Os', 'Tl',
+    ),
+}  # fmt: skip
+"""The host elements by lattice class: every element whose ASE reference state is bcc, fcc or hcp, except the noble
+gases (van der Waals solids, no hosts for metallic impurities), Ac and Th (radioactive actinides), Tc (radioactive) and
+Se and Te (ASE lists them as hcp, but they are trigonal chains without a basis that ``ase.build.bulk`` can build)."""
+
+IMPURITY_ONLY_ELEMENTS: tuple[str, ...] = ('B', 'C', 'Si', 'Mn', 'Ga', 'Ge', 'Sn', 'Bi')
+"""Common impurity elements that are no hosts here (their reference states are not bcc, fcc or hcp)."""
+
+IMPURITY_SPECIES: tuple[str, ...] = (
+    'Li', 'Be', 'B', 'C', 'Na', 'Mg', 'Al', 'Si', 'K', 'Ca',
+    'Sc', 'Ti', 'V', 'Cr', 'Mn', 'Fe', 'Co', 'Ni', 'Cu', 'Zn',
+    'Ga', 'Ge', 'Rb', 'Sr', 'Y', 'Zr', 'Nb', 'Mo', 'Ru', 'Rh',
+    'Pd', 'Ag', 'Cd', 'Sn', 'Cs', 'Ba', 'La', 'Ce', 'Pr', 'Nd',
+    'Eu', 'Gd', 'Tb', 'Dy', 'Ho', 'Er', 'Tm', 'Yb', 'Lu', 'Hf',
+    'Ta', 'W', 'Re', 'Os', 'Ir', 'Pt', 'Au', 'Tl', 'Pb', 'Bi',
+)  # fmt: skip
+"""The 60 species of the database, ordered by atomic number: all host elements and :data:`IMPURITY_ONLY_ELEMENTS`.
+Every species is an impurity in every host but its own."""
+
+HOST_STRAINS: tuple[float, ...] = (0.0, -0.02, 0.02)
+"""Isotropic strains of the host lattice, in order of use. The 3068 (host, impurity) pairs at the reference lattice
+constant are used first; larger databases add hosts compressed and then expanded by 2 %, so that no two embeddings
+are the same (a duplicate would leak between a training and a test set)."""
+
+SHELL_NEIGHBOURS: dict[LatticeClass, int] = {'bcc': 8 + 6, 'fcc': 12 + 6, 'hcp': 12 + 6}
+"""Number of neighbours in the first two shells of the ideal lattice (in hcp with c/a far from ideal, as Zn and Cd,
+the first shell splits into 6 + 6, which still counts as one)."""
+
+EXTRA_SYNTHETIC = 'mlworkbench_synthetic'
+EXTRA_HOST_UUID = 'mlworkbench_host_uuid'
+EXTRA_INDEX = 'mlworkbench_embedding_index'
+EXTRA_LATTICE = 'mlworkbench_reference_lattice'
+EXTRA_STRAIN = 'mlworkbench_host_strain'
+
+_DESCRIPTION_NOTE = 'made by aiida-mlworkbench for demonstrations and benchmarks; no calculation ran on it'
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticEmbedding:
+    """One planned embedding: an impurity element in a host element, at a strain of the host's reference lattice."""
+
+    host: str
+    impurity: str
+    lattice: LatticeClass
+    strain: float
+
+
+def default_group_label(size: int, seed: int) -> str:
+    """Return the label of the group of a synthetic database: ``mlworkbench/synthetic/<size>-seed<seed>``."""
+    return f'mlworkbench/synthetic/{size}-seed{seed}'
+
+
+def _pair_capacity(lattice: LatticeClass) -> int:
+    """Return how many distinct embeddings hosts of one lattice class can give over all strains."""
+    return len(HOST_STRAINS) * len(HOST_ELEMENTS[lattice]) * (len(IMPURITY_SPECIES) - 1)
+
+
+def max_database_size() -> int:
+    """Return the largest database in which no two embeddings are the same (9204)."""
+    return sum(_pair_capacity(lattice) for lattice in LATTICE_CLASSES)
+
+
+def _class_quotas(size: int) -> dict[LatticeClass, int]:
+    """Share ``size`` embeddings as evenly as possible among the lattice classes, as far as each class has pairs."""
+    quotas = dict.fromkeys(LATTICE_CLASSES, 0)
+    remaining = size
+    while remaining:
+        for lattice in LATTICE_CLASSES:
+            if remaining and quotas[lattice] < _pair_capacity(lattice):
+                quotas[lattice] += 1
+                remaining -= 1
+    return quotas
+
+
+def plan_synthetic_database(size: int = 1752, seed: int = 0) -> list[SyntheticEmbedding]:
+    """Return the embeddings of a synthetic database in order, without touching the storage.
+
+    The lattice classes get equal shares (as far as they have pairs); within a class the (host, impurity) pairs are
+    drawn at random without repetition, reference lattice constants first, then strained hosts (:data:`HOST_STRAINS`);
+    the final order is a random permutation. The same ``(size, seed)`` always gives the same list.
+
+    :raises ValueError: if ``size`` is not positive or larger than :func:`max_database_size`.
+    """
+    if not 0 < size <= max_database_size():
+        raise ValueError(f'size must be between 1 and {max_database_size()} distinct embeddings, got {size}.')
+
+    rng = np.random.default_rng(seed)
+    embeddings: list[SyntheticEmbedding] = []
+    for lattice, quota in _class_quotas(size).items():
+        candidates: list[SyntheticEmbedding] = []
+        for strain in HOST_STRAINS:
+            pairs = [
+                SyntheticEmbedding(host, impurity, lattice, strain)
+                for host in HOST_ELEMENTS[lattice]
+                for impurity in IMPURITY_SPECIES
+                if impurity != host
+            ]
+            candidates.extend(pairs[index] for index in rng.permutation(len(pairs)))
+        embeddings.extend(candidates[:quota])
+
+    return [embeddings[index] for index in rng.permutation(len(embeddings))]
+
+
+def _host_atoms(symbol: str, strain: float):
+    """Return the primitive cell of ``symbol`` in its ASE reference state, isotropically strained by ``strain``."""
+    from ase.build import bulk
+
+    atoms = bulk(symbol)
+    if strain:
+        atoms.set_cell(atoms.cell[:] * (1.0 + strain), scale_atoms=True)
+    return atoms
+
+
+def two_shell_cutoff(atoms, lattice: LatticeClass, site: int = 0) -> float:
+    """Return the cluster radius in Angstrom that holds the first two neighbour shells around ``site``.
+
+    The radius lies midway between the farthest neighbour of the two shells (the 14th in bcc, the 18th in fcc and
+    hcp, see :data:`SHELL_NEIGHBOURS`) and the next one, so it is far from any neighbour distance.
+
+    :param atoms: the host crystal as an ``ase.Atoms``.
+    """
+    from ase.neighborlist import PrimitiveNeighborList
+
+    count = SHELL_NEIGHBOURS[lattice]
+    wigner_seitz_radius = (3.0 * atoms.get_volume() / (4.0 * np.pi * len(atoms))) ** (1.0 / 3.0)
+    cutoff = 4.0 * wigner_seitz_radius  # the nearest neighbour is at about 1.8 radii, the 19th within 3.2
+    neighbour_list = PrimitiveNeighborList([cutoff / 2.0] * len(atoms), skin=0.0, self_interaction=False, bothways=True)
+    neighbour_list.update(atoms.pbc, atoms.cell[:], atoms.positions)
+    indices, offsets = neighbour_list.get_neighbors(site)
+    vectors = atoms.positions[indices] + offsets @ atoms.cell[:] - atoms.positions[site]
+    distances = np.sort(np.linalg.norm(vectors, axis=1))
+    if len(distances) <= count:
+        raise ValueError(f'found only {len(distances)} neighbours within {cutoff} Angstrom, {count + 1} are needed.')
+    return round(float(distances[count - 1] + distances[count]) / 2.0, 4)
+
+
+def _get_existing_group(label: str, size: int, seed: int, reuse_existing: bool) -> orm.Group | None:
+    """Return the group ``label`` if it exists; refuse to fill a group that already holds nodes unless reusing it."""
+    from aiida.common.exceptions import NotExistent
+
+    try:
+        group = orm.Group.collection.get(label=label)
+    except NotExistent:
+        return None
+
+    if group.is_empty:
+        return group
+    if not reuse_existing:
+        raise ValueError(
+            f'the group `{label}` already exists and holds {group.count()} nodes. Pass `reuse_existing=True` '
+            '(`--reuse-existing`) to use it as it is, choose another group label, or delete it with '
+            f'`verdi group delete "{label}"`.'
+        )
+    if group.base.extras.get('size', None) != size or group.base.extras.get('seed', None) != seed:
+        raise ValueError(
+            f'the group `{label}` is not a synthetic database of size {size} with seed {seed} '
+            f'(its extras: {group.base.extras.all}): choose another group label.'
+        )
+    return group
+
+
+def create_synthetic_database(
+    size: int = 1752, seed: int = 0, group_label: str | None = None, reuse_existing: bool = False
+) -> orm.Group:
+    """Create a seeded synthetic impurity database and return the group that holds it.
+
+    Hosts are stored once and shared by all their impurities; every node carries the extra
+    ``mlworkbench_synthetic: True`` and a description that says it is synthetic. Iterate the embeddings in order with
+    :func:`iter_synthetic_embeddings`.
+
+    :param size: number of embeddings, at most :func:`max_database_size`; 1752 and 7100 are the sizes of the
+        reference studies.
+    :param seed: seed of the random choice and order of the (host, impurity) pairs.
+    :param group_label: label of the group, by default :func:`default_group_label`.
+    :param reuse_existing: return an existing, non-empty group of this size and seed as it is instead of failing.
+    :raises ValueError: if the size is out of range, or the group exists, holds nodes and is not to be reused.
+    """
+    from aiida.manage import get_manager
+
+    label = group_label or default_group_label(size, seed)
+    plan = plan_synthetic_database(size, seed)
+    group = _get_existing_group(label, size, seed, reuse_existing)
+    if group is not None and not group.is_empty:
+        return group
+
+    hosts: dict[tuple[str, float], orm.StructureData] = {}
+    cutoffs: dict[tuple[str, float], float] = {}
+    reference_cutoffs: dict[str, float] = {}  # an isotropic strain scales the cutoff with the lattice
+    for embedding in plan:
+        key = (embedding.host, embedding.strain)
+        if key in hosts:
+            continue
+        atoms = _host_atoms(embedding.host, embedding.strain)
+        strain_text = f', strained by {embedding.strain:+.0%}' if embedding.strain else ''
+        host = orm.StructureData(ase=atoms)
+        host.label = f'{embedding.host} {embedding.lattice} host{strain_text} (synthetic)'
+        host.description = (
+            f'Synthetic host: {embedding.host} in its ASE reference state ({embedding.lattice}{strain_text}), '
+            f'{_DESCRIPTION_NOTE}.'
+        )
+        host.base.extras.set_many(
+            {EXTRA_SYNTHETIC: True, EXTRA_LATTICE: embedding.lattice, EXTRA_STRAIN: embedding.strain}
+        )
+        hosts[key] = host
+        if embedding.host not in reference_cutoffs:
+            reference_cutoffs[embedding.host] = two_shell_cutoff(_host_atoms(embedding.host, 0.0), embedding.lattice)
+        cutoffs[key] = round(reference_cutoffs[embedding.host] * (1.0 + embedding.strain), 4)
+
+    user_pk = orm.User.collection.get_default().pk
+    host_identities = {key: (host.uuid, host.label) for key, host in hosts.items()}
+    impurity_rows = []
+    for index, embedding in enumerate(plan):
+        key = (embedding.host, embedding.strain)
+        host_uuid, host_label = host_identities[key]
+        impurity_rows.append(
+            _impurity_info_row(
+                index, embedding, host_uuid=host_uuid, host_label=host_label, rcut=cutoffs[key], user_pk=user_pk
+            )
+        )
+
+    storage = get_manager().get_profile_storage()
+    with storage.transaction():
+        for host in hosts.values():
+            host.store()
+        node_pks = [host.pk for host in hosts.values()]
+        node_pks.extend(storage.bulk_insert(EntityTypes.NODE, impurity_rows, allow_defaults=True))
+
+        if group is None:
+            group = orm.Group(label=label).store()
+        group.description = (
+            f'Synthetic impurity database of {size} embeddings (seed {seed}) in {len(hosts)} hosts, '
+            f'{_DESCRIPTION_NOTE}.'
+        )
+        counts = collections.Counter(embedding.lattice for embedding in plan)
+        group.base.extras.set_many(
+            {EXTRA_SYNTHETIC: True, 'size': size, 'seed': seed, 'hosts': len(hosts), 'lattice_counts': dict(counts)}
+        )
+        storage.bulk_insert(EntityTypes.GROUP_NODE, [{'dbgroup_id': group.pk, 'dbnode_id': pk} for pk in node_pks])
+
+    return group
+
+
+def _impurity_info_row(
+    index: int, embedding: SyntheticEmbedding, *, host_uuid: str, host_label: str, rcut: float, user_pk: int
+) -> dict[str, t.Any]:
+    """Return the database row of the ``impurity_info`` ``Dict`` of one embedding, for a bulk insert.
+
+    Storing thousands of ``Dict`` nodes one by one takes minutes; one bulk insert (as archive import does) takes a
+    second. The row holds what ``Dict.store`` would write, including the hash that caching uses.
+    """
+    from aiida.common import timezone
+    from aiida.common.hashing import make_hash
+    from aiida.common.utils import get_new_uuid
+
+    attributes = {
+        'ilayer_center': 0,
+        'Rcut': rcut,
+        'Zimp': [_atomic_number(embedding.impurity)],
+    }
+    objects_to_hash = {**dict(_dict_hash_objects()), 'attributes': attributes}
+    now = timezone.now()
+    return {
+        'uuid': get_new_uuid(),
+        'node_type': orm.Dict.class_node_type,
+        'process_type': None,
+        'label': f'{embedding.impurity} in {host_label}',
+        'description': (
+            f'Synthetic impurity_info for kkr_imp_wc: a {embedding.impurity} impurity in {host_label}, '
+            f'cluster of two neighbour shells, {_DESCRIPTION_NOTE}.'
+        ),
+        'ctime': now,
+        'mtime': now,
+        'attributes': attributes,
+        'extras': {
+            EXTRA_SYNTHETIC: True,
+            EXTRA_HOST_UUID: host_uuid,
+            EXTRA_INDEX: index,
+            '_aiida_hash': make_hash(objects_to_hash),
+        },
+        'repository_metadata': {},
+        'dbcomputer_id': None,
+        'user_id': user_pk,
+    }
+
+
+@functools.cache
+def _dict_hash_objects() -> tuple[tuple[str, t.Any], ...]:
+    """Return what the hash of an empty ``Dict`` is made of (class, repository hash, computer), but the attributes."""
+    objects = orm.Dict().base.caching.get_objects_to_hash()
+    objects.pop('attributes')
+    return tuple(objects.items())
+
+
+def _atomic_number(symbol: str) -> int:
+    from ase.data import atomic_numbers
+
+    return atomic_numbers[symbol]
+
+
+def iter_synthetic_embeddings(group: orm.Group) -> t.Iterator[tuple[orm.StructureData, orm.Dict]]:
+    """Yield the ``(host, impurity_info)`` pairs of a synthetic database in the order they were created.
+
+    :raises ValueError: if the group holds no synthetic embeddings or a host is missing from the storage.
+    """
+    query = orm.QueryBuilder()
+    query.append(orm.Group, filters={'id': group.pk}, tag='group')
+    query.append(
+        orm.Dict,
+        with_group='group',
+        filters={f'extras.{EXTRA_SYNTHETIC}': True, 'extras': {'has_key': EXTRA_HOST_UUID}},
+        tag='impurity_info',
+        project=['*', f'extras.{EXTRA_HOST_UUID}'],
+    )
+    query.order_by({'impurity_info': [{f'extras.{EXTRA_INDEX}': {'order': 'asc', 'cast': 'i'}}]})
+    rows: list[tuple[orm.Dict, str]] = query.all()
+    if not rows:
+        raise ValueError(
+            f'{group} holds no synthetic impurity embeddings: create them with `create_synthetic_database` or '
+            '`aiida-mlworkbench synthetic create`.'
+        )
+
+    host_uuids = {host_uuid for _, host_uuid in rows}
+    query = orm.QueryBuilder().append(orm.StructureData, filters={'uuid': {'in': list(host_uuids)}})
+    hosts = {host.uuid: host for host in query.all(flat=True)}
+    if missing := host_uuids - hosts.keys():
+        raise ValueError(
+            f'{len(missing)} hosts of the synthetic embeddings in {group} are missing, e.g. {min(missing)}.'
+        )
+
+    return ((hosts[host_uuid], impurity_info) for impurity_info, host_uuid in rows)
