@@ -476,6 +476,7 @@ class SparseFeatureMatrix(Data):
             indices_dtype = handle['indices'].dtype
         self._check_checksum(hasher, indices_dtype)
 
-    def __repr__(self) -> str:
+    def __str__(self) -> str:
         n_rows, n_features = self.base.attributes.get('shape', (0, 0))
-        return f'<{type(self).__name__}: {n_rows} x {n_features}, nnz={self.nnz} uuid: {self.uuid} (pk: {self.pk})>'
+        name = self.descriptor.get('name', 'features')
+        return f'{type(self).__name__}<{self.pk or "unstored"}>: {n_rows} x {n_features} {name}, nnz {self.nnz}'

@@ -210,6 +210,9 @@ class TrainedModel(Data):
     def checksum(self) -> str:
         return self.base.attributes.get('checksum')
 
+    def __str__(self) -> str:
+        return f'{type(self).__name__}<{self.pk or "unstored"}>: {self.base.attributes.get("final_estimator_class")}'
+
     # Loading and predicting -------------------------------------------------------------------------------------
 
     def load(self, *, trusted: Iterable[str] = ()) -> t.Any:
