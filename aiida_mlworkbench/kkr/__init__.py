@@ -1,0 +1,31 @@
+"""aiida-kkr impurity embeddings: find them from provenance and rebuild the impurity clusters juKKR used."""
+
+from .embeddings import (
+    ImpurityEmbedding,
+    ImpurityEmbeddingError,
+    ResolvedEmbeddings,
+    SkippedNode,
+    rcut_unit_of_process,
+    resolve_impurity_embedding,
+    resolve_impurity_embeddings,
+)
+from .geometry import ImpurityInfo, RcutUnit, host_alat, impurity_cluster, parse_impurity_info
+from .scoef import read_scoef, scoef_alat, scoef_of
+
+__all__ = (
+    'ImpurityEmbedding',
+    'ImpurityEmbeddingError',
+    'ImpurityInfo',
+    'RcutUnit',
+    'ResolvedEmbeddings',
+    'SkippedNode',
+    'host_alat',
+    'impurity_cluster',
+    'parse_impurity_info',
+    'rcut_unit_of_process',
+    'read_scoef',
+    'resolve_impurity_embedding',
+    'resolve_impurity_embeddings',
+    'scoef_alat',
+    'scoef_of',
+)

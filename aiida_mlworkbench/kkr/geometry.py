@@ -1,0 +1,326 @@
+"""The impurity cluster of an aiida-kkr impurity embedding, exactly as juKKR saw it.
+
+juKKR's impurity code reads the cluster from the file ``scoef``: one row per site, ``x y z`` in units of the host's
+lattice constant ``alat``, the 1-based index of the host site the row sits on, the host site's atomic number and the
+distance from the centre. aiida-kkr writes that file from the host ``StructureData`` and the ``impurity_info`` ``Dict``
+in one of two ways, and this module rebuilds the same rows with aiida-kkr's own functions:
+
+* ``{'Rcut', 'Zimp', 'ilayer_center'}`` (optional ``hcut``, ``cylinder_orient``): all host sites within ``Rcut`` of
+  host site ``ilayer_center`` (a cylinder if ``hcut > 0``), from
+  :func:`aiida_kkr.tools.tools_kkrimp.create_scoef_array`;
+* ``{'imp_cls', 'Zimp', 'Rimp_rel'}``: the rows given explicitly (e.g. two-impurity clusters made by aiida-kkr's
+  ``create_combined_imp_info_cf``).
+
+``alat`` is :func:`masci_tools.io.common_functions.get_alat_from_bravais` of the host cell (for a primitive fcc cell
+that is ``a / sqrt(2)``, not ``a``). The impurities replace the sites at ``Rimp_rel`` (in alat units, default the
+centre), in the order of ``Zimp``, as aiida-kkr's ``KkrimpCalculation`` does when it writes ``kkrflex_atominfo``.
+
+Empty spheres are not atoms and are left out: host sites whose kind is vacuum (a kind with vacancies, e.g. aiida-kkr's
+``{H0.00X1.00}`` kind named ``HX``, whose only symbol is ``H`` with weight 0; or the symbol ``X``), which juKKR gets
+with ``ZATOM = 0``. The ``scoef`` files of aiida-kkr up to 2021 write such sites with atomic number 1, so the atomic
+number in the file cannot tell vacuum from hydrogen; the host kind can. An impurity with ``Zimp = 0`` (a vacancy) is
+an empty sphere too and is left out as well.
+
+The unit of ``Rcut``: aiida-kkr before version 1.0 (the series for aiida-core 0.x, used until mid 2019) read ``Rcut``
+(and ``hcut``) in units of ``alat``; since then in Angstrom. The ``impurity_info`` node does not record which, so the
+caller says it with ``rcut_unit``; :mod:`aiida_mlworkbench.kkr.embeddings` decides it from the calculations that used
+the node (see :func:`aiida_mlworkbench.kkr.embeddings.rcut_unit_of_process`).
+"""
+
+from __future__ import annotations
+
+import collections
+import collections.abc
+import dataclasses
+import enum
+import typing as t
+
+import ase
+import numpy as np
+from aiida import orm
+
+__all__ = (
+    'ImpurityInfo',
+    'RcutUnit',
+    'host_alat',
+    'host_site_atomic_numbers',
+    'impurity_cluster',
+    'parse_impurity_info',
+)
+
+_MAX_ATOMIC_NUMBER = 118
+_RIMP_REL_TOLERANCE = 1e-4
+"""How far (in alat units) an ``Rimp_rel`` may lie from the cluster site it names; rows of a cluster are >0.1 apart."""
+_OCCUPATION_TOLERANCE = 1e-6
+_SCOEF_CACHE_SIZE = 4096
+
+
+class RcutUnit(str, enum.Enum):
+    """The unit in which ``Rcut`` and ``hcut`` of an ``impurity_info`` are given."""
+
+    ANGSTROM = 'angstrom'
+    ALAT = 'alat'
+
+
+@dataclasses.dataclass(frozen=True)
+class ImpurityInfo:
+    """A validated ``impurity_info``: either the cutoff form or the explicit cluster form."""
+
+    zimp: tuple[int, ...]
+    rimp_rel: tuple[tuple[float, float, float], ...]
+    rcut: float | None = None
+    hcut: float = -1.0
+    cylinder_orient: tuple[float, float, float] = (0.0, 0.0, 1.0)
+    ilayer_center: int = 0
+    imp_cls: tuple[tuple[float, ...], ...] | None = None
+
+    @property
+    def is_explicit_cluster(self) -> bool:
+        """Whether the cluster rows are given (``imp_cls``) rather than cut out of the host (``Rcut``)."""
+        return self.imp_cls is not None
+
+
+def _atomic_number(value: t.Any, what: str) -> int:
+    """Return ``value`` as an atomic number, accepting the floats (``29.0``) that aiida-kkr nodes often hold."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'{what} must be an atomic number, got {value!r}.') from None
+    if not number.is_integer() or not 0 <= number <= _MAX_ATOMIC_NUMBER:
+        raise ValueError(f'{what} must be an integer atomic number between 0 and {_MAX_ATOMIC_NUMBER}, got {value!r}.')
+    return int(number)
+
+
+def _vector(value: t.Any, what: str) -> tuple[float, float, float]:
+    try:
+        vector = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f'{what} must be a 3-vector of numbers, got {value!r}.') from None
+    if vector.shape != (3,) or not np.all(np.isfinite(vector)):
+        raise ValueError(f'{what} must be a 3-vector of numbers, got {value!r}.')
+    return tuple(float(x) for x in vector)  # type: ignore[return-value]
+
+
+def parse_impurity_info(impurity_info: orm.Dict | collections.abc.Mapping[str, t.Any]) -> ImpurityInfo:
+    """Validate an ``impurity_info`` the way aiida-kkr reads it and return it normalised.
+
+    :raises ValueError: naming the problem, if a key is missing or the keys contradict each other.
+    """
+    if isinstance(impurity_info, orm.Dict):
+        impurity_info = impurity_info.get_dict()
+    if not isinstance(impurity_info, collections.abc.Mapping):
+        raise TypeError(f'impurity_info must be a Dict or a mapping, got {type(impurity_info).__name__}.')
+
+    if 'Zimp' not in impurity_info:
+        raise ValueError(f"impurity_info has no 'Zimp' (the impurity atomic numbers); keys: {sorted(impurity_info)}.")
+    zimp_raw = impurity_info['Zimp']
+    zimp_list = list(zimp_raw) if isinstance(zimp_raw, (list, tuple)) else [zimp_raw]
+    if not zimp_list:
+        raise ValueError("impurity_info 'Zimp' is an empty list.")
+    zimp = tuple(_atomic_number(z, f"impurity_info 'Zimp' entry {index}") for index, z in enumerate(zimp_list))
+
+    rimp_raw = impurity_info.get('Rimp_rel', [[0.0, 0.0, 0.0]])
+    if not isinstance(rimp_raw, (list, tuple)) or not rimp_raw:
+        raise ValueError(f"impurity_info 'Rimp_rel' must be a list of 3-vectors, got {rimp_raw!r}.")
+    rimp_rel = tuple(_vector(r, f"impurity_info 'Rimp_rel' entry {index}") for index, r in enumerate(rimp_raw))
+    if len(rimp_rel) != len(zimp):
+        raise ValueError(
+            f"impurity_info has {len(zimp)} 'Zimp' value(s) {list(zimp)} but {len(rimp_rel)} 'Rimp_rel' position(s): "
+            'every impurity needs its position (without Rimp_rel there is one impurity, at the centre).'
+        )
+
+    if 'imp_cls' in impurity_info:
+        # aiida-kkr uses ``imp_cls`` whenever it is present, ignoring ``Rcut``: so do we.
+        try:
+            imp_cls = np.asarray(impurity_info['imp_cls'], dtype=float)
+        except (TypeError, ValueError):
+            raise ValueError("impurity_info 'imp_cls' must be a table of numbers.") from None
+        if imp_cls.ndim != 2 or imp_cls.shape[0] < 1 or imp_cls.shape[1] < 5 or not np.all(np.isfinite(imp_cls)):
+            raise ValueError(
+                "impurity_info 'imp_cls' must have one row (x, y, z, host site, Z, distance) per cluster site, "
+                f'got shape {imp_cls.shape}.'
+            )
+        return ImpurityInfo(zimp=zimp, rimp_rel=rimp_rel, imp_cls=tuple(map(tuple, imp_cls.tolist())))
+
+    if 'Rcut' not in impurity_info:
+        raise ValueError(
+            "impurity_info needs either 'Rcut' (cluster radius around 'ilayer_center') or 'imp_cls' (explicit "
+            f'cluster); keys: {sorted(impurity_info)}.'
+        )
+    try:
+        rcut = float(impurity_info['Rcut'])
+        hcut = float(impurity_info.get('hcut', -1.0))
+        ilayer_center = impurity_info.get('ilayer_center', 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"impurity_info 'Rcut' and 'hcut' must be numbers, got {impurity_info!r}.") from None
+    if not np.isfinite(rcut) or rcut <= 0:
+        raise ValueError(f"impurity_info 'Rcut' must be a positive radius, got {impurity_info['Rcut']!r}.")
+    if isinstance(ilayer_center, bool) or not float(ilayer_center).is_integer() or ilayer_center < 0:
+        raise ValueError(f"impurity_info 'ilayer_center' must be a host site index >= 0, got {ilayer_center!r}.")
+    orient = _vector(impurity_info.get('cylinder_orient', [0.0, 0.0, 1.0]), "impurity_info 'cylinder_orient'")
+    return ImpurityInfo(
+        zimp=zimp,
+        rimp_rel=rimp_rel,
+        rcut=rcut,
+        hcut=hcut,
+        cylinder_orient=orient,
+        ilayer_center=int(ilayer_center),
+    )
+
+
+def _as_structure(host: orm.StructureData | ase.Atoms) -> orm.StructureData:
+    """Return the host as a ``StructureData`` (unstored if it came as ``ase.Atoms``), the form aiida-kkr works on."""
+    if isinstance(host, orm.StructureData):
+        return host
+    if isinstance(host, ase.Atoms):
+        return orm.StructureData(ase=host)
+    raise TypeError(f'host must be a StructureData or ase.Atoms, got {type(host).__name__}.')
+
+
+def host_alat(host: orm.StructureData) -> float:
+    """Return aiida-kkr's lattice constant ``alat`` of the host in Angstrom: the unit of ``scoef`` and ``imp_cls``."""
+    from masci_tools.io.common_functions import get_alat_from_bravais
+
+    return float(get_alat_from_bravais(np.array(host.cell), host.pbc[2]))
+
+
+def host_site_atomic_numbers(host: orm.StructureData) -> np.ndarray:
+    """Return the atomic number juKKR gives each host site, 0 for an empty sphere (vacuum), as aiida-kkr does.
+
+    :raises ValueError: if a site is an alloy or partly vacant (CPA/VCA): such a site is not one atom.
+    """
+    numbers = np.empty(len(host.sites), dtype=int)
+    kinds = {kind.name: kind for kind in host.kinds}
+    for index, site in enumerate(host.sites):
+        kind = kinds[site.kind_name]
+        occupation = float(sum(kind.weights))
+        if kind.symbols == ('X',) or (kind.has_vacancies and occupation < _OCCUPATION_TOLERANCE):
+            numbers[index] = 0
+        elif kind.is_alloy or kind.has_vacancies:
+            raise ValueError(
+                f'host site {index} has kind {kind.name!r} ({kind.get_symbols_string()}): a CPA/VCA site, partly '
+                'occupied or an alloy, is not a single atom and cannot be part of an impurity cluster.'
+            )
+        else:
+            numbers[index] = _atomic_number(_ATOMIC_NUMBERS[kind.symbols[0]], f'host kind {kind.name!r}')
+    return numbers
+
+
+def _atomic_numbers() -> dict[str, int]:
+    from aiida.common.constants import elements
+
+    return {data['symbol']: number for number, data in elements.items()}
+
+
+_ATOMIC_NUMBERS = _atomic_numbers()
+
+
+def _host_fingerprint(host: orm.StructureData) -> tuple:
+    """Return a hashable summary of everything ``create_scoef_array`` reads from a host."""
+    kinds = {kind.name: (kind.symbols, kind.weights) for kind in host.kinds}
+    sites = tuple((tuple(site.position), kinds[site.kind_name]) for site in host.sites)
+    return (tuple(map(tuple, host.cell)), tuple(host.pbc), sites)
+
+
+_scoef_cache: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
+
+
+def _cached_scoef_rows(host: orm.StructureData, rcut: float, hcut: float, orient: tuple, center: int) -> np.ndarray:
+    """Return ``create_scoef_array`` of the host, from a least-recently-used cache keyed by geometry and cutoff."""
+    from aiida_kkr.tools.tools_kkrimp import create_scoef_array
+
+    key = (_host_fingerprint(host), rcut, hcut, orient, center)
+    rows = _scoef_cache.get(key)
+    if rows is None:
+        rows = create_scoef_array(host, rcut, hcut, list(orient), center)
+        rows.setflags(write=False)
+        _scoef_cache[key] = rows
+        if len(_scoef_cache) > _SCOEF_CACHE_SIZE:
+            _scoef_cache.popitem(last=False)
+    else:
+        _scoef_cache.move_to_end(key)
+    return rows
+
+
+def scoef_rows(
+    host: orm.StructureData, impurity_info: ImpurityInfo, rcut_unit: RcutUnit | str = RcutUnit.ANGSTROM
+) -> np.ndarray:
+    """Return the rows of the ``scoef`` file aiida-kkr writes for this embedding (positions in alat units).
+
+    Hosts are often shared by thousands of embeddings that differ only in ``Zimp``, so the rows are cached by the
+    host's geometry and the cutoff: aiida-kkr's neighbour search takes milliseconds per call.
+    """
+    if impurity_info.is_explicit_cluster:
+        return np.array(impurity_info.imp_cls, dtype=float)
+
+    if impurity_info.ilayer_center >= len(host.sites):
+        raise ValueError(
+            f"impurity_info 'ilayer_center' is {impurity_info.ilayer_center} but the host has only "
+            f'{len(host.sites)} sites (0 to {len(host.sites) - 1}).'
+        )
+    scale = host_alat(host) if RcutUnit(rcut_unit) is RcutUnit.ALAT else 1.0
+    hcut = impurity_info.hcut * scale if impurity_info.hcut > 0 else impurity_info.hcut
+    return _cached_scoef_rows(
+        host,
+        impurity_info.rcut * scale,
+        hcut,
+        impurity_info.cylinder_orient,
+        impurity_info.ilayer_center,
+    ).copy()
+
+
+def _impurity_rows(rows: np.ndarray, impurity_info: ImpurityInfo) -> list[int]:
+    """Return the row of each impurity: the site nearest to its ``Rimp_rel``, which must be a site of the cluster."""
+    found = []
+    for index, rimp in enumerate(impurity_info.rimp_rel):
+        distances = np.linalg.norm(rows[:, :3] - np.array(rimp), axis=1)
+        row = int(np.argmin(distances))
+        if distances[row] > _RIMP_REL_TOLERANCE:
+            raise ValueError(
+                f"impurity_info 'Rimp_rel' entry {index} {list(rimp)} is no site of the cluster (nearest site is "
+                f'{distances[row]:.3g} alat away): Zimp and imp_cls/Rcut are inconsistent.'
+            )
+        if row in found:
+            raise ValueError(f"impurity_info 'Rimp_rel' names cluster site {row} twice.")
+        found.append(row)
+    return found
+
+
+def impurity_cluster(
+    host: orm.StructureData | ase.Atoms,
+    impurity_info: orm.Dict | collections.abc.Mapping[str, t.Any],
+    rcut_unit: RcutUnit | str = RcutUnit.ANGSTROM,
+) -> ase.Atoms:
+    """Return the impurity cluster juKKR used, as non-periodic ``ase.Atoms`` in Angstrom with the centre at the origin.
+
+    Atoms come in the order of the ``scoef`` rows (by distance from the centre), empty spheres left out. Each atom
+    carries the array ``host_site`` (the 1-based host site index of its ``scoef`` row) and the tag 1 if it is an
+    impurity, 0 if a host atom. Nothing is stored.
+
+    :param host: the host crystal (aiida-kkr's ``find_parent_structure`` of the host Green function).
+    :param impurity_info: the ``impurity_info`` of the embedding, either form (see the module docstring).
+    :param rcut_unit: the unit of ``Rcut`` and ``hcut``: ``'angstrom'`` (aiida-kkr >= 1.0) or ``'alat'`` (older).
+    :raises ValueError: naming the problem, if ``impurity_info`` is incomplete or inconsistent with the host.
+    """
+    info = parse_impurity_info(impurity_info)
+    structure = _as_structure(host)
+    numbers_of_sites = host_site_atomic_numbers(structure)
+    rows = scoef_rows(structure, info, rcut_unit)
+
+    site_index = rows[:, 3].astype(int)
+    if site_index.min() < 1 or site_index.max() > len(numbers_of_sites):
+        raise ValueError(
+            f'the cluster names host sites {site_index.min()} to {site_index.max()} but the host has '
+            f'{len(numbers_of_sites)} sites: imp_cls does not belong to this host.'
+        )
+    numbers = numbers_of_sites[site_index - 1]
+    is_impurity = np.zeros(len(rows), dtype=int)
+    for row, zimp in zip(_impurity_rows(rows, info), info.zimp, strict=True):
+        numbers[row] = zimp
+        is_impurity[row] = 1
+
+    keep = numbers > 0
+    atoms = ase.Atoms(numbers=numbers[keep], positions=rows[keep, :3] * host_alat(structure), pbc=False)
+    atoms.set_tags(is_impurity[keep])
+    atoms.new_array('host_site', site_index[keep])
+    return atoms
