@@ -54,8 +54,8 @@ def ensure_environment() -> None:
         say(f'creating the virtual environment {VENV}')
         venv.create(VENV, with_pip=True)
     say('installing aiida-mlworkbench and its test and docs dependencies (a few minutes the first time)')
-    run(PYTHON, '-m', 'pip', 'install', '--quiet', '--upgrade', 'pip')
-    run(PYTHON, '-m', 'pip', 'install', '--quiet', '--editable', f'{ROOT}[dev]')
+    run(PYTHON, '-m', 'pip', 'install', '-qq', '--upgrade', 'pip')
+    run(PYTHON, '-m', 'pip', 'install', '-qq', '--editable', f'{ROOT}[dev]')
     stamp.write_text(wanted)
 
 

@@ -2,9 +2,10 @@
 
 A pickle is a small program: it names any importable callable and calls it. :class:`RestrictedUnpickler` admits only
 
-* classes defined in scikit-learn, NumPy and SciPy (resolved first, so a re-export of a foreign object such as
-  ``sklearn.utils.Memory`` from joblib is refused), minus a deny-list of classes and modules that touch files, the
-  network or run code (``numpy.memmap``, ``numpy.testing``, ``scipy.io``, ...);
+* classes defined in scikit-learn, NumPy and SciPy, and in :mod:`aiida_mlworkbench.estimators` (resolved first, so
+  that a foreign class re-exported by one of them, such as threadpoolctl's ``ThreadpoolController``, is refused), minus
+  a deny-list of classes and modules that touch files, the network or run code (``numpy.memmap``, ``numpy.testing``,
+  ``scipy.io``, ...);
 * the handful of functions these libraries use to rebuild their objects (``numpy._core.multiarray._reconstruct``, the
   NumPy random-state constructors, Cython's ``__pyx_unpickle_*`` helpers);
 * harmless builtins (containers, numbers, strings) and ``collections.OrderedDict``;
@@ -24,8 +25,8 @@ from collections.abc import Iterable
 
 __all__ = ('DEFAULT_ALLOWED_PACKAGES', 'RestrictedUnpickler', 'UnsafePickleError', 'restricted_loads')
 
-#: Packages whose classes are admitted.
-DEFAULT_ALLOWED_PACKAGES: tuple[str, ...] = ('sklearn', 'numpy', 'scipy')
+#: Packages whose classes are admitted: the libraries, and this package's own estimator parts (such as the SOAP kernel).
+DEFAULT_ALLOWED_PACKAGES: tuple[str, ...] = ('sklearn', 'numpy', 'scipy', 'aiida_mlworkbench.estimators')
 
 #: Modules (and their sub-modules) of the admitted packages that are never admitted: they read or write files, open
 #: URLs or run code.
