@@ -1,6 +1,6 @@
 """Featurization speed: DScribe's 60-species sparse SOAP against :class:`SpeciesAwareSOAP`, same clusters, same output.
 
-Each way runs in its own child process, so that its wall time and peak RSS (the child and its worker processes,
+Each way runs in its own child process, so that its wall time, CPU time and peak RSS (the child and its workers,
 sampled every 20 ms, and at least the child's own ``ru_maxrss``) are not mixed with the others'. The feature matrices
 are written to a temporary directory and compared in the parent: the run fails unless they are identical.
 
@@ -12,6 +12,7 @@ are written to a temporary directory and compared in the parent: the run fails u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import resource
@@ -96,10 +97,8 @@ class PeakRSS:
         while not self._stop.is_set():
             total = 0
             for process in [self._process, *self._process.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):
                     total += process.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak = max(self.peak, total)
             self._stop.wait(self._interval)
 
@@ -113,26 +112,52 @@ class PeakRSS:
         self.peak = max(self.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def run_one(way: str, n: int, n_max: int, l_max: int, jobs: int, output: pathlib.Path) -> dict:
-    """Featurize in this process with one way, save the CSR matrix to ``output``, return time and peak RSS."""
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its live descendants, such as joblib's worker processes."""
+    import psutil
+
+    total = 0.0
+    process = psutil.Process()
+    for member in [process, *process.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = member.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def run_one(way: str, jobs: int, output: pathlib.Path, settings: argparse.Namespace) -> dict:
+    """Featurize in this process with one way, save the CSR matrix to ``output``, return times and peak RSS.
+
+    ``way`` is ``plain`` (DScribe over all species), ``aware`` (:class:`SpeciesAwareSOAP` in a fresh process, worker
+    start-up included) or ``aware-warm`` (worker processes started by a small run first, as in a long-lived process).
+    """
     import scipy.sparse
     from dscribe.descriptors import SOAP
 
     from aiida_mlworkbench.descriptors import SpeciesAwareSOAP
 
-    settings = {'r_cut': 6.0, 'n_max': n_max, 'l_max': l_max, 'sigma': 0.5, 'average': 'inner'}
-    clusters = make_clusters(n)
+    soap_settings = {'r_cut': 6.0, 'n_max': settings.nmax, 'l_max': settings.lmax, 'sigma': 0.5, 'average': 'inner'}
+    clusters = make_clusters(settings.n)
+    if way == 'aware-warm':
+        warm_up = make_clusters(4 * jobs, seed=1)
+        SpeciesAwareSOAP(species=SPECIES, n_jobs=jobs, **soap_settings).create(warm_up, block_size=4)
     with PeakRSS() as rss:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), cpu_seconds()
         if way == 'plain':
-            features = SOAP(species=list(SPECIES), sparse=True, **settings).create(clusters, n_jobs=jobs)
-            seconds = time.perf_counter() - start
-            features = scipy.sparse.csr_array(features.tocsr())
+            features = SOAP(species=list(SPECIES), sparse=True, **soap_settings).create(clusters, n_jobs=jobs)
         else:
-            features = SpeciesAwareSOAP(species=SPECIES, n_jobs=jobs, **settings).create(clusters)
-            seconds = time.perf_counter() - start
+            features = SpeciesAwareSOAP(species=SPECIES, n_jobs=jobs, **soap_settings).create(clusters)
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - start_cpu
+    if way == 'plain':
+        features = scipy.sparse.csr_array(features.tocsr())
     scipy.sparse.save_npz(output, features, compressed=False)
-    return {'seconds': seconds, 'peak_rss_mb': rss.peak / 2**20, 'shape': list(features.shape), 'nnz': features.nnz}
+    return {
+        'seconds': seconds,
+        'cpu_seconds': cpu,
+        'peak_rss_mb': rss.peak / 2**20,
+        'shape': list(features.shape),
+        'nnz': features.nnz,
+    }
 
 
 def compare(reference: pathlib.Path, other: pathlib.Path) -> tuple[bool, float]:
@@ -168,38 +193,45 @@ def main() -> int:
 
     if arguments._child:
         way, output = arguments._child
-        jobs = arguments.plain_jobs if way == 'plain' else arguments.jobs[0]
-        print(json.dumps(run_one(way, arguments.n, arguments.nmax, arguments.lmax, jobs, pathlib.Path(output))))
+        print(json.dumps(run_one(way, arguments.jobs[0], pathlib.Path(output), arguments)))
         return 0
 
     runs = [] if arguments.skip_plain else [('plain', arguments.plain_jobs)]
     runs += [('aware', jobs) for jobs in arguments.jobs]
+    runs += [('aware-warm', jobs) for jobs in arguments.jobs if jobs != 1]
     results = {}
     print(f'N = {arguments.n} clusters, 60 species, n_max = {arguments.nmax}, l_max = {arguments.lmax}, average=inner')
     with tempfile.TemporaryDirectory() as directory:
         for way, jobs in runs:
             output = pathlib.Path(directory) / f'{way}-{jobs}.npz'
             command = [sys.executable, __file__, '--n', str(arguments.n), '--nmax', str(arguments.nmax)]
-            command += ['--lmax', str(arguments.lmax), '--jobs', str(jobs), '--plain-jobs', str(jobs)]
-            command += ['--_child', way, str(output)]
+            command += ['--lmax', str(arguments.lmax), '--jobs', str(jobs), '--_child', way, str(output)]
             completed = subprocess.run(command, check=True, capture_output=True, text=True)
             results[way, jobs] = json.loads(completed.stdout.strip().splitlines()[-1])
-            results[way, jobs]['output'] = output
 
-        reference_key = runs[0]
-        reference = results[reference_key]
-        label = {'plain': 'DScribe SOAP, 60 species', 'aware': 'SpeciesAwareSOAP'}
+        reference = results[runs[0]]
+        label = {
+            'plain': 'DScribe SOAP, 60 species',
+            'aware': 'SpeciesAwareSOAP',
+            'aware-warm': 'SpeciesAwareSOAP, warm',
+        }
         print(f'features: {reference["shape"][1]}, non-zeros per row: {reference["nnz"] / arguments.n:.0f}')
-        print(f'{"way":<28}{"jobs":>5}{"wall s":>10}{"peak RSS MB":>13}{"speed-up":>10}  {"identical":<10}max abs diff')
+        print(
+            f'{"way":<26}{"jobs":>5}{"wall s":>9}{"CPU s":>9}{"peak RSS MB":>13}{"speed-up":>10}'
+            f'  {"identical":<10}max abs diff'
+        )
         all_identical = True
         for way, jobs in runs:
             result = results[way, jobs]
-            identical, max_abs_diff = compare(reference['output'], result['output'])
+            identical, max_abs_diff = compare(
+                pathlib.Path(directory) / f'{runs[0][0]}-{runs[0][1]}.npz',
+                pathlib.Path(directory) / f'{way}-{jobs}.npz',
+            )
             all_identical &= identical
-            speed_up = reference['seconds'] / result['seconds']
             print(
-                f'{label[way]:<28}{jobs:>5}{result["seconds"]:>10.2f}{result["peak_rss_mb"]:>13.0f}'
-                f'{speed_up:>9.1f}x  {identical!s:<10}{max_abs_diff:.1e}'
+                f'{label[way]:<26}{jobs:>5}{result["seconds"]:>9.2f}{result["cpu_seconds"]:>9.2f}'
+                f'{result["peak_rss_mb"]:>13.0f}{reference["seconds"] / result["seconds"]:>9.1f}x'
+                f'  {identical!s:<10}{max_abs_diff:.1e}'
             )
     if not all_identical:
         print('FAILED: the feature matrices differ', file=sys.stderr)

@@ -36,9 +36,10 @@ def impurity_cluster(host: Atoms, radius: float, impurity: str | list[str], seed
     cluster.positions -= centre
     cluster.set_pbc(False)
     cluster.set_cell(None)
-    order = np.argsort(np.linalg.norm(cluster.positions, axis=1))
+    impurities = [impurity] if isinstance(impurity, str) else impurity
+    nearest_sites = np.argsort(np.linalg.norm(cluster.positions, axis=1))[: len(impurities)]
     symbols = cluster.get_chemical_symbols()
-    for site, symbol in zip(order, [impurity] if isinstance(impurity, str) else impurity):
+    for site, symbol in zip(nearest_sites, impurities, strict=True):
         symbols[site] = symbol
     cluster.set_chemical_symbols(symbols)
     cluster.positions += np.random.default_rng(seed).normal(scale=0.02, size=cluster.positions.shape)
