@@ -1,0 +1,454 @@
+"""Sparse matrix I/O: :class:`SparseFeatureMatrix` on a throw-away AiiDA profile against plain h5py on a plain file.
+
+A random CSR matrix (default 7100 x 1,460,700, about 1,710 non-zeros per row, float64, sorted column indices) is
+generated row by row from a seeded RNG, so that the package's writer never sees more than one block of it. Each phase
+runs in its own child process, so that its peak RSS (the child's ``ru_maxrss``) is not mixed with the others':
+
+* write: ``SparseFeatureMatrix.from_blocks(...)`` + ``store()``, against ``h5py.File(path, 'w')`` with three datasets
+  written from the whole CSR arrays in memory (the plain way needs the whole matrix in memory first);
+* full read: ``get_matrix()`` (checksum verified), against ``f['data'][:]`` etc.;
+* 256-row block read: ``get_rows(slice(i, i + 256))``, against opening the file and slicing through ``indptr``; median
+  over random block positions after a warm-up.
+
+Every phase reports a SHA-256 digest of the content it wrote or read; the run fails unless they all agree. The AiiDA
+profile (``core.sqlite_dos``) lives in a temporary folder with its own ``AIIDA_PATH``, and is deleted at the end.
+
+    python benchmarks/sparse_matrix_io.py            # 7100 x 1,460,700, about 1,710 non-zeros per row
+    python benchmarks/sparse_matrix_io.py --quick    # 710 rows, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import typing as t
+from collections.abc import Iterator
+
+import numpy as np
+
+BLOCK_ROWS = 256
+GENERATOR_BLOCK_ROWS = 500
+FULL_READ_REPEATS = 3
+BLOCK_READ_WARMUP = 3
+BLOCK_READ_REPEATS = 21
+RSS_LIMIT = 2**30
+BLOCK_RATIO_LIMIT = 2.0
+PLAIN_FILENAME = 'plain.h5'
+MB = 2**20
+
+
+class ContentDigest:
+    """SHA-256 of CSR content (global ``indptr`` as int64, ``indices`` as int32, ``data`` as float64), fed by rows."""
+
+    def __init__(self) -> None:
+        self._parts = {name: hashlib.sha256() for name in ('indptr', 'indices', 'data')}
+        self._parts['indptr'].update(np.zeros(1, dtype=np.int64).tobytes())
+        self._nnz = 0
+
+    def update(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray) -> None:
+        """Add consecutive rows given by their local CSR arrays (``indptr`` starting at its own offset)."""
+        tail = np.asarray(indptr[1:], dtype=np.int64) - int(indptr[0]) + self._nnz
+        self._parts['indptr'].update(memoryview(np.ascontiguousarray(tail)))
+        self._parts['indices'].update(memoryview(np.ascontiguousarray(indices, dtype=np.int32)))
+        self._parts['data'].update(memoryview(np.ascontiguousarray(data, dtype=np.float64)))
+        if tail.size:
+            self._nnz = int(tail[-1])
+
+    def hexdigest(self) -> str:
+        total = hashlib.sha256()
+        for part in self._parts.values():
+            total.update(part.digest())
+        return total.hexdigest()
+
+
+def row_block(first: int, stop: int, n_features: int, nnz_per_row: int, seed: int):
+    """Rows ``first:stop`` of the benchmark matrix as a ``csr_array``; each row has its own RNG stream.
+
+    A row holds a uniform random count of non-zeros within 10 % of ``nnz_per_row``, at distinct sorted random columns,
+    with values in (0, 1].
+    """
+    import scipy.sparse
+
+    counts, columns, values = [], [], []
+    spread = nnz_per_row // 10
+    for row in range(first, stop):
+        rng = np.random.default_rng([seed, row])
+        count = int(min(n_features, rng.integers(nnz_per_row - spread, nnz_per_row + spread + 1)))
+        columns.append(np.sort(rng.choice(n_features, size=count, replace=False)).astype(np.int32))
+        values.append(1.0 - rng.random(count))
+        counts.append(count)
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return scipy.sparse.csr_array(
+        (np.concatenate(values), np.concatenate(columns), indptr), shape=(stop - first, n_features)
+    )
+
+
+class TimedBlocks:
+    """Iterable of the matrix's row blocks that times its own work and digests what it yields.
+
+    ``seconds`` is the time spent generating (and digesting) blocks, to subtract from the writer's wall time.
+    """
+
+    def __init__(self, n_rows: int, n_features: int, nnz_per_row: int, seed: int) -> None:
+        self.n_rows, self.n_features, self.nnz_per_row, self.seed = n_rows, n_features, nnz_per_row, seed
+        self.digest = ContentDigest()
+        self.seconds = 0.0
+
+    def __iter__(self) -> Iterator[t.Any]:
+        for first in range(0, self.n_rows, GENERATOR_BLOCK_ROWS):
+            start = time.perf_counter()
+            block = row_block(
+                first, min(first + GENERATOR_BLOCK_ROWS, self.n_rows), self.n_features, self.nnz_per_row, self.seed
+            )
+            self.digest.update(block.indptr, block.indices, block.data)
+            self.seconds += time.perf_counter() - start
+            yield block
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process so far, in bytes (Linux reports ``ru_maxrss`` in kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def block_positions(n_rows: int, seed: int) -> list[int]:
+    """Start rows of the warm-up and timed 256-row block reads, the same for both ways."""
+    rng = np.random.default_rng([seed, 256])
+    count = BLOCK_READ_WARMUP + BLOCK_READ_REPEATS
+    return [int(i) for i in rng.integers(0, max(1, n_rows - BLOCK_ROWS + 1), size=count)]
+
+
+def digest_of(matrix: t.Any) -> str:
+    digest = ContentDigest()
+    digest.update(matrix.indptr, matrix.indices, matrix.data)
+    return digest.hexdigest()
+
+
+# Phases, each run in its own child process ---------------------------------------------------------------------
+
+
+def phase_plain_write(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, t.Any]:
+    """Build the whole CSR matrix in memory, then time writing it with h5py to a plain file."""
+    import h5py
+    import scipy.sparse
+
+    blocks = TimedBlocks(args.rows, args.features, args.nnz_per_row, args.seed)
+    matrix = scipy.sparse.vstack(list(blocks), format='csr')
+    # The same dtypes as the package stores (scipy's vstack may upcast the indices to int64).
+    matrix.indices, matrix.indptr = matrix.indices.astype(np.int32), matrix.indptr.astype(np.int64)
+    rss_before = current_rss()
+    path = workdir / PLAIN_FILENAME
+    start = time.perf_counter()
+    with h5py.File(path, 'w') as handle:
+        handle.attrs['shape'] = matrix.shape
+        handle.create_dataset('data', data=matrix.data)
+        handle.create_dataset('indices', data=matrix.indices)
+        handle.create_dataset('indptr', data=matrix.indptr)
+    seconds = time.perf_counter() - start
+    return {
+        'write_s': seconds,
+        'generate_s': blocks.seconds,
+        'rss_before': rss_before,
+        'peak_rss': peak_rss(),
+        'size': path.stat().st_size,
+        'nnz': int(matrix.nnz),
+        'digest': blocks.digest.hexdigest(),
+    }
+
+
+def phase_package_write(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, t.Any]:
+    """Time ``from_blocks`` + ``store`` from the streaming generator; its own time is subtracted."""
+    from aiida_mlworkbench.data import SparseFeatureMatrix
+
+    blocks = TimedBlocks(args.rows, args.features, args.nnz_per_row, args.seed)
+    rss_before = current_rss()
+    start = time.perf_counter()
+    node = SparseFeatureMatrix.from_blocks(blocks, args.features, descriptor={'name': 'benchmark'}, dtype='float64')
+    built = time.perf_counter()
+    node.store()
+    stored = time.perf_counter()
+    with node.base.repository.open(node.FILENAME, mode='rb') as stream:
+        size = stream.seek(0, os.SEEK_END)
+    return {
+        'write_s': stored - start - blocks.seconds,
+        'from_blocks_s': built - start - blocks.seconds,
+        'store_s': stored - built,
+        'generate_s': blocks.seconds,
+        'rss_before': rss_before,
+        'peak_rss': peak_rss(),
+        'size': size,
+        'nnz': node.nnz,
+        'pk': node.pk,
+        'digest': blocks.digest.hexdigest(),
+    }
+
+
+def read_plain(path: pathlib.Path) -> t.Any:
+    import h5py
+    import scipy.sparse
+
+    with h5py.File(path, 'r') as handle:
+        shape = tuple(int(x) for x in handle.attrs['shape'])
+        data, indices, indptr = handle['data'][:], handle['indices'][:], handle['indptr'][:]
+    return scipy.sparse.csr_array((data, indices, indptr), shape=shape)
+
+
+def read_plain_rows(handle: t.Any, first: int, stop: int, n_features: int) -> t.Any:
+    import scipy.sparse
+
+    indptr = handle['indptr'][first : stop + 1]
+    low, high = int(indptr[0]), int(indptr[-1])
+    indices, data = handle['indices'][low:high], handle['data'][low:high]
+    return scipy.sparse.csr_array((data, indices, indptr - low), shape=(stop - first, n_features))
+
+
+def timed_full_reads(read: t.Callable[[], t.Any]) -> tuple[float, str]:
+    """Median wall time of ``FULL_READ_REPEATS`` full reads, and the digest of what was read."""
+    times, digest = [], ''
+    for _ in range(FULL_READ_REPEATS):
+        start = time.perf_counter()
+        matrix = read()
+        times.append(time.perf_counter() - start)
+        digest = digest_of(matrix)
+        del matrix
+    return statistics.median(times), digest
+
+
+def timed_block_reads(read: t.Callable[[int, int], t.Any], n_rows: int, seed: int) -> tuple[float, str]:
+    """Median wall time of the timed block reads after the warm-up ones, and a digest of the blocks read."""
+    times, digest = [], hashlib.sha256()
+    for count, first in enumerate(block_positions(n_rows, seed)):
+        stop = min(first + BLOCK_ROWS, n_rows)
+        start = time.perf_counter()
+        block = read(first, stop)
+        elapsed = time.perf_counter() - start
+        if count >= BLOCK_READ_WARMUP:
+            times.append(elapsed)
+            digest.update(digest_of(block).encode())
+    return statistics.median(times), digest.hexdigest()
+
+
+def phase_plain_read(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, t.Any]:
+    import h5py
+
+    path = workdir / PLAIN_FILENAME
+    seconds, digest = timed_full_reads(lambda: read_plain(path))
+
+    def reopen(first: int, stop: int) -> t.Any:
+        with h5py.File(path, 'r') as handle:
+            return read_plain_rows(handle, first, stop, args.features)
+
+    block_s, block_digest = timed_block_reads(reopen, args.rows, args.seed)
+    with h5py.File(path, 'r') as handle:
+        open_block_s, _ = timed_block_reads(
+            lambda first, stop: read_plain_rows(handle, first, stop, args.features), args.rows, args.seed
+        )
+    return {
+        'read_s': seconds,
+        'digest': digest,
+        'block_s': block_s,
+        'block_open_s': open_block_s,
+        'block_digest': block_digest,
+        'peak_rss': peak_rss(),
+    }
+
+
+def phase_package_read(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, t.Any]:
+    from aiida import orm
+
+    node = orm.load_node(args.pk)
+    seconds, digest = timed_full_reads(node.get_matrix)
+    unverified_s, _ = timed_full_reads(lambda: node.get_matrix(verify=False))
+    block_s, block_digest = timed_block_reads(
+        lambda first, stop: node.get_rows(slice(first, stop)), node.n_rows, args.seed
+    )
+    return {
+        'read_s': seconds,
+        'read_unverified_s': unverified_s,
+        'digest': digest,
+        'block_s': block_s,
+        'block_digest': block_digest,
+        'peak_rss': peak_rss(),
+    }
+
+
+PHASES: dict[str, t.Callable[[argparse.Namespace, pathlib.Path], dict[str, t.Any]]] = {
+    'plain-write': phase_plain_write,
+    'package-write': phase_package_write,
+    'plain-read': phase_plain_read,
+    'package-read': phase_package_read,
+}
+
+
+def run_child_phase(args: argparse.Namespace) -> int:
+    """Entry point of a child process: load the profile if the phase needs it, run the phase, print JSON."""
+    if args.phase.startswith('package'):
+        import aiida
+
+        aiida.load_profile(args.profile, allow_switch=True)
+    result = PHASES[args.phase](args, pathlib.Path(args.workdir))
+    print(json.dumps(result))
+    return 0
+
+
+# Parent: profile, children, table -------------------------------------------------------------------------------
+
+
+def create_profile(directory: pathlib.Path) -> str:
+    """Create a ``core.sqlite_dos`` profile in a fresh config under ``directory`` (``AIIDA_PATH`` points there)."""
+    os.environ['AIIDA_PATH'] = str(directory)
+    from aiida.manage.configuration import create_profile as aiida_create_profile
+    from aiida.manage.configuration import get_config
+    from aiida.manage.configuration.settings import AiiDAConfigDir
+
+    AiiDAConfigDir.set(directory / '.aiida')
+    config = get_config(create=True)
+    name = 'sparse-matrix-io-benchmark'
+    profile = aiida_create_profile(
+        config,
+        storage_backend='core.sqlite_dos',
+        storage_config={'filepath': str(directory / 'storage')},
+        name=name,
+        email='benchmark@localhost',
+        is_test_profile=True,
+    )
+    profile.set_option('warnings.development_version', False)
+    config.set_default_profile(name)
+    config.store()
+    return name
+
+
+def run_phase(phase: str, args: argparse.Namespace, workdir: pathlib.Path, **extra: t.Any) -> dict[str, t.Any]:
+    command = [sys.executable, __file__, '--rows', str(args.rows), '--features', str(args.features)]
+    command += ['--nnz-per-row', str(args.nnz_per_row), '--seed', str(args.seed)]
+    command += ['--phase', phase, '--workdir', str(workdir)]
+    for key, value in extra.items():
+        command += [f'--{key}', str(value)]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stdout + completed.stderr)
+        raise RuntimeError(f'phase {phase} failed with exit code {completed.returncode}')
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def header() -> str:
+    """Date, machine and library versions."""
+    from importlib.metadata import version
+
+    import h5py
+    import psutil
+
+    cpu = platform.processor() or 'unknown CPU'
+    with open('/proc/cpuinfo', encoding='utf-8') as cpuinfo:
+        cpu = next((line.split(':', 1)[1].strip() for line in cpuinfo if line.startswith('model name')), cpu)
+    packages = ['aiida-core', 'aiida-mlworkbench', 'disk-objectstore', 'numpy', 'scipy', 'h5py']
+    versions = ', '.join(f'{name} {version(name)}' for name in packages)
+    return (
+        f'{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | {cpu}, {os.cpu_count()} cores, '
+        f'{psutil.virtual_memory().total / 2**30:.1f} GiB RAM | Python {platform.python_version()}, {versions}, '
+        f'HDF5 {h5py.version.hdf5_version}'
+    )
+
+
+def print_report(args: argparse.Namespace, plain: dict[str, t.Any], package: dict[str, t.Any]) -> bool:
+    """Print the table and the target lines; return whether both targets pass."""
+    nnz = package['nnz']
+    dense = args.rows * args.features * 8
+    print(
+        f'matrix: {args.rows} x {args.features:,}, nnz {nnz:,} ({nnz / args.rows:.0f} per row), float64, int32 indices'
+    )
+    print(f'dense it would need {dense / 1e9:.2f} GB ({args.rows} x {args.features} x 8 bytes)')
+    rows = [
+        ('write (s)', package['write_s'], plain['write_s']),
+        ('full read (s)', package['read_s'], plain['read_s']),
+        (f'{BLOCK_ROWS}-row block read (ms, median)', package['block_s'] * 1e3, plain['block_s'] * 1e3),
+        ('file size (MB)', package['size'] / MB, plain['size'] / MB),
+        ('peak RSS while writing (MB)', package['peak_rss'] / MB, plain['peak_rss'] / MB),
+        ('peak RSS while reading (MB)', package['read_peak_rss'] / MB, plain['read_peak_rss'] / MB),
+    ]
+    print(f'{"operation":<36}{"package":>12}{"plain h5py":>12}{"package/plain":>15}')
+    for label, ours, theirs in rows:
+        print(f'{label:<36}{ours:>12.2f}{theirs:>12.2f}{ours / theirs:>14.2f}x')
+    print(
+        f'details: package write = from_blocks {package["from_blocks_s"]:.2f} s + store {package["store_s"]:.2f} s '
+        f'(row generation, {package["generate_s"]:.2f} s, excluded); full read without checksum '
+        f'{package["read_unverified_s"]:.2f} s; plain block read with the file kept open '
+        f'{plain["block_open_s"] * 1e3:.2f} ms; RSS before writing: package {package["rss_before"] / MB:.0f} MB, '
+        f'plain {plain["rss_before"] / MB:.0f} MB (whole matrix in memory); full reads median of {FULL_READ_REPEATS}, '
+        f'block reads median of {BLOCK_READ_REPEATS} after {BLOCK_READ_WARMUP} warm-up, each opening the file'
+    )
+    rss_ok = package['peak_rss'] < RSS_LIMIT
+    ratio = package['block_s'] / plain['block_s']
+    block_ok = ratio <= BLOCK_RATIO_LIMIT
+    print(
+        f'{"PASS" if rss_ok else "FAIL"}: peak RSS while storing via SparseFeatureMatrix '
+        f'{package["peak_rss"] / MB:.0f} MB < {RSS_LIMIT / MB:.0f} MB'
+    )
+    print(
+        f'{"PASS" if block_ok else "FAIL"}: {BLOCK_ROWS}-row block read {ratio:.2f}x plain h5py '
+        f'(limit {BLOCK_RATIO_LIMIT:.0f}x)'
+    )
+    return rss_ok and block_ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--rows', type=int, default=7100, help='number of rows (default 7100)')
+    parser.add_argument('--features', type=int, default=1_460_700, help='number of columns (default 1,460,700)')
+    parser.add_argument('--nnz-per-row', type=int, default=1710, help='mean non-zeros per row (default 1710)')
+    parser.add_argument('--quick', action='store_true', help='710 rows, for a fast check')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--phase', choices=sorted(PHASES), help=argparse.SUPPRESS)
+    parser.add_argument('--workdir', help=argparse.SUPPRESS)
+    parser.add_argument('--profile', help=argparse.SUPPRESS)
+    parser.add_argument('--pk', type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.rows = 710
+    if args.phase:
+        return run_child_phase(args)
+
+    print(header())
+    home_config = pathlib.Path('~/.aiida/config.json').expanduser()
+    home_mtime = home_config.stat().st_mtime if home_config.exists() else None
+    with tempfile.TemporaryDirectory(prefix='mlworkbench-benchmark-') as tmp:
+        directory = pathlib.Path(tmp)
+        profile = create_profile(directory)
+        plain = run_phase('plain-write', args, directory)
+        package = run_phase('package-write', args, directory, profile=profile)
+        plain_read = run_phase('plain-read', args, directory)
+        package_read = run_phase('package-read', args, directory, profile=profile, pk=package['pk'])
+    assert (home_config.stat().st_mtime if home_config.exists() else None) == home_mtime, '~/.aiida was modified'
+
+    plain.update({key: value for key, value in plain_read.items() if key != 'peak_rss'})
+    package.update({key: value for key, value in package_read.items() if key != 'peak_rss'})
+    plain['read_peak_rss'], package['read_peak_rss'] = plain_read['peak_rss'], package_read['peak_rss']
+    passed = print_report(args, plain, package)
+
+    written = {plain['digest'], package['digest']}
+    read = {plain_read['digest'], package_read['digest']}
+    if len(written | read) != 1 or plain_read['block_digest'] != package_read['block_digest']:
+        print('FAILED: the content written or read back differs between the two ways', file=sys.stderr)
+        return 2
+    print('content: identical in all phases (SHA-256 of indptr, indices, data)')
+    return 0 if passed else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
