@@ -1,0 +1,202 @@
+"""Estimator specifications: a JSON-able dictionary in, a validated scikit-learn pipeline out.
+
+An estimator is recorded in the provenance graph as a ``Dict`` such as::
+
+    {
+        'estimator': 'SVC',                                    # a name from ESTIMATORS
+        'parameters': {'kernel': 'linear'},                    # its constructor parameters
+        'scaler': {'name': 'StandardScaler', 'parameters': {'with_mean': False}},   # optional, or None
+        'kernel': {'name': 'soap', 'xi': 2},                   # optional: the normalised SOAP kernel
+    }
+
+Only names from an allow-list are accepted, so a specification cannot instantiate arbitrary code, and every parameter is
+checked against scikit-learn's own constraints before anything is fitted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import typing as t
+from collections.abc import Mapping
+
+import numpy as np
+import scipy.sparse
+
+__all__ = (
+    'ESTIMATORS',
+    'SCALERS',
+    'EstimatorSpecificationError',
+    'NormalizedSoapKernel',
+    'build_estimator',
+    'validate_estimator_specification',
+)
+
+#: Estimators that a specification may name, with the class they stand for.
+ESTIMATORS: dict[str, str] = {
+    name: f'{module}.{name}'
+    for module, names in {
+        'sklearn.svm': ('SVC', 'LinearSVC', 'SVR', 'LinearSVR', 'NuSVC'),
+        'sklearn.linear_model': (
+            'LogisticRegression',
+            'RidgeClassifier',
+            'Ridge',
+            'Lasso',
+            'ElasticNet',
+            'SGDClassifier',
+            'SGDRegressor',
+            'PassiveAggressiveClassifier',
+            'PassiveAggressiveRegressor',
+            'Perceptron',
+        ),
+        'sklearn.kernel_ridge': ('KernelRidge',),
+        'sklearn.ensemble': ('RandomForestClassifier', 'RandomForestRegressor', 'ExtraTreesClassifier'),
+        'sklearn.neighbors': ('KNeighborsClassifier', 'KNeighborsRegressor'),
+        'sklearn.naive_bayes': ('MultinomialNB', 'BernoulliNB'),
+        'sklearn.cluster': ('MiniBatchKMeans',),
+        'sklearn.dummy': ('DummyClassifier', 'DummyRegressor'),
+    }.items()
+    for name in names
+}
+
+#: Scalers that a specification may name. None of them centres sparse data (that would densify it).
+SCALERS: dict[str, str] = {
+    'StandardScaler': 'sklearn.preprocessing.StandardScaler',
+    'MaxAbsScaler': 'sklearn.preprocessing.MaxAbsScaler',
+    'Normalizer': 'sklearn.preprocessing.Normalizer',
+}
+
+#: Estimators that accept a callable kernel.
+KERNEL_ESTIMATORS = ('SVC', 'SVR', 'NuSVC', 'KernelRidge')
+
+KNOWN_KEYS = {'estimator', 'parameters', 'scaler', 'kernel'}
+
+
+class EstimatorSpecificationError(ValueError):
+    """The estimator specification names something not allowed, or parameters that scikit-learn refuses."""
+
+
+class NormalizedSoapKernel:
+    """The normalised SOAP kernel K(p, q) = (p.q / sqrt(p.p q.q)) ** xi, as a kernel callable for SVMs.
+
+    Works on sparse feature matrices without densifying them: only the (n_samples x n_samples) Gram matrix is dense.
+    """
+
+    def __init__(self, xi: float = 2.0) -> None:
+        self.xi = xi
+
+    def __call__(self, first: t.Any, second: t.Any) -> np.ndarray:
+        from sklearn.utils.extmath import row_norms
+
+        gram = first @ second.T
+        gram = gram.toarray() if scipy.sparse.issparse(gram) else np.asarray(gram)
+        denominator = np.outer(row_norms(first), row_norms(second))
+        with np.errstate(divide='ignore', invalid='ignore'):
+            normalised = np.where(denominator > 0, gram / denominator, 0.0)
+        return normalised**self.xi
+
+    def __repr__(self) -> str:
+        return f'NormalizedSoapKernel(xi={self.xi})'
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NormalizedSoapKernel) and other.xi == self.xi
+
+    def __hash__(self) -> int:
+        return hash(('NormalizedSoapKernel', self.xi))
+
+
+def _import(path: str) -> type:
+    module, name = path.rsplit('.', 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def _check_parameters(cls: type, parameters: Mapping[str, t.Any], what: str) -> t.Any:
+    """Instantiate ``cls`` and let scikit-learn check the parameters against its constraints, without fitting."""
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    known = set(cls().get_params(deep=False))
+    unknown = sorted(set(parameters) - known)
+    if unknown:
+        raise EstimatorSpecificationError(
+            f'{what} has no parameter {", ".join(map(repr, unknown))}; its parameters are: {", ".join(sorted(known))}'
+        )
+    instance = cls(**parameters)
+    validate = getattr(instance, '_validate_params', None)
+    if validate is not None:
+        try:
+            validate()
+        except InvalidParameterError as exception:
+            raise EstimatorSpecificationError(f'invalid parameter for {what}: {exception}') from None
+    return instance
+
+
+def _scaler_specification(scaler: t.Any) -> tuple[str, dict[str, t.Any]] | None:
+    if scaler is None:
+        return None
+    if isinstance(scaler, str):
+        return scaler, {}
+    if isinstance(scaler, Mapping) and 'name' in scaler:
+        return scaler['name'], dict(scaler.get('parameters', {}))
+    raise EstimatorSpecificationError(
+        f"scaler must be None, a name or {{'name': ..., 'parameters': {{...}}}}, got {scaler!r}"
+    )
+
+
+def build_estimator(specification: Mapping[str, t.Any]) -> t.Any:
+    """Return the unfitted scikit-learn estimator (a ``Pipeline`` if a scaler is given) that the specification names.
+
+    :raises EstimatorSpecificationError: naming what is wrong, before anything is fitted.
+    """
+    from sklearn.pipeline import Pipeline
+
+    if not isinstance(specification, Mapping):
+        raise EstimatorSpecificationError(f'an estimator specification is a dictionary, got {type(specification)}')
+    unknown = sorted(set(specification) - KNOWN_KEYS)
+    if unknown:
+        raise EstimatorSpecificationError(
+            f'unknown key(s) {", ".join(map(repr, unknown))} in the estimator specification; known: '
+            f'{", ".join(sorted(KNOWN_KEYS))}'
+        )
+    name = specification.get('estimator')
+    if name not in ESTIMATORS:
+        raise EstimatorSpecificationError(f'unknown estimator {name!r}: choose one of {", ".join(sorted(ESTIMATORS))}')
+    parameters = dict(specification.get('parameters') or {})
+    kernel = specification.get('kernel')
+    if kernel is not None:
+        if name not in KERNEL_ESTIMATORS:
+            raise EstimatorSpecificationError(
+                f'a kernel can be given only to {", ".join(KERNEL_ESTIMATORS)}, not to {name}'
+            )
+        if not isinstance(kernel, Mapping) or kernel.get('name') != 'soap':
+            raise EstimatorSpecificationError(f"kernel must be {{'name': 'soap', 'xi': <number>}}, got {kernel!r}")
+        if 'kernel' in parameters:
+            raise EstimatorSpecificationError('give either the `kernel` key or a `kernel` parameter, not both')
+        xi = kernel.get('xi', 2)
+        if not isinstance(xi, (int, float)) or xi <= 0:
+            raise EstimatorSpecificationError(f'the SOAP kernel exponent xi must be a positive number, got {xi!r}')
+        parameters['kernel'] = NormalizedSoapKernel(xi)
+    estimator = _check_parameters(_import(ESTIMATORS[name]), parameters, name)
+
+    scaler = _scaler_specification(specification.get('scaler'))
+    if scaler is None:
+        return estimator
+    scaler_name, scaler_parameters = scaler
+    if scaler_name not in SCALERS:
+        raise EstimatorSpecificationError(f'unknown scaler {scaler_name!r}: choose one of {", ".join(SCALERS)}')
+    if scaler_name == 'StandardScaler':
+        if scaler_parameters.get('with_mean', False):
+            raise EstimatorSpecificationError(
+                'StandardScaler with with_mean=True would centre, and so densify, the sparse feature matrix; '
+                'use with_mean=False'
+            )
+        scaler_parameters['with_mean'] = False
+    scaler_instance = _check_parameters(_import(SCALERS[scaler_name]), scaler_parameters, scaler_name)
+    return Pipeline([('scaler', scaler_instance), ('estimator', estimator)])
+
+
+def validate_estimator_specification(specification: Mapping[str, t.Any]) -> str | None:
+    """Port validator: return an error message for an invalid specification, ``None`` if it is valid."""
+    try:
+        build_estimator(specification)
+    except EstimatorSpecificationError as exception:
+        return str(exception)
+    return None
