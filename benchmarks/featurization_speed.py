@@ -3,6 +3,7 @@
 Each way runs in its own child process, so that its wall time, CPU time and peak RSS (the child and its workers,
 sampled every 20 ms, and at least the child's own ``ru_maxrss``) are not mixed with the others'. The feature matrices
 are written to a temporary directory and compared in the parent: the run fails unless they are identical.
+``speed-up`` is the ratio of wall times to the first row, ``CPU ratio`` that of CPU times (steadier on a busy machine).
 
     python benchmarks/featurization_speed.py                    # N = 1752, n_max = l_max = 5, 1 and 2 jobs
     python benchmarks/featurization_speed.py --nmax 9 --lmax 9
@@ -217,7 +218,7 @@ def main() -> int:
         }
         print(f'features: {reference["shape"][1]}, non-zeros per row: {reference["nnz"] / arguments.n:.0f}')
         print(
-            f'{"way":<26}{"jobs":>5}{"wall s":>9}{"CPU s":>9}{"peak RSS MB":>13}{"speed-up":>10}'
+            f'{"way":<26}{"jobs":>5}{"wall s":>9}{"CPU s":>9}{"peak RSS MB":>13}{"speed-up":>10}{"CPU ratio":>11}'
             f'  {"identical":<10}max abs diff'
         )
         all_identical = True
@@ -231,6 +232,7 @@ def main() -> int:
             print(
                 f'{label[way]:<26}{jobs:>5}{result["seconds"]:>9.2f}{result["cpu_seconds"]:>9.2f}'
                 f'{result["peak_rss_mb"]:>13.0f}{reference["seconds"] / result["seconds"]:>9.1f}x'
+                f'{reference["cpu_seconds"] / result["cpu_seconds"]:>10.1f}x'
                 f'  {identical!s:<10}{max_abs_diff:.1e}'
             )
     if not all_identical:
