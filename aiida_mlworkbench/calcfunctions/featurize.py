@@ -1,0 +1,128 @@
+"""Featurization: structure nodes in, one ``SparseFeatureMatrix`` out, one row per structure.
+
+The rows follow the structures' input link labels, ``row_000000``, ``row_000001``, ...: the provenance graph itself
+records which node each row describes (:func:`get_row_structures`). Blocks of rows are written to the matrix's HDF5
+file as they are computed, so memory does not grow with the number of structures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import typing as t
+from collections.abc import Iterator, Sequence
+
+from aiida import orm
+from aiida.engine import ExitCode, calcfunction
+
+from aiida_mlworkbench.data import SparseFeatureMatrix
+from aiida_mlworkbench.descriptors import DEFAULT_BLOCK_SIZE, get_descriptor
+
+__all__ = (
+    'EXIT_CODES',
+    'ROW_LABEL_PREFIX',
+    'featurization_jobs',
+    'featurize',
+    'featurize_structures',
+    'get_row_structures',
+    'row_label',
+)
+
+ROW_LABEL_PREFIX = 'row_'
+
+EXIT_CODES = {
+    'invalid_descriptor': ExitCode(340, 'invalid descriptor parameters: {detail}'),
+    'species_outside_list': ExitCode(341, '{detail}'),
+    'no_structures': ExitCode(342, 'no structures to featurize: pass at least one'),
+    'bad_row_label': ExitCode(343, 'structure input `{label}` is not named `row_<index>` with indices 0, 1, ...'),
+}
+
+_JOBS: contextvars.ContextVar[int] = contextvars.ContextVar('mlworkbench_featurization_jobs', default=1)
+
+
+@contextlib.contextmanager
+def featurization_jobs(n_jobs: int) -> Iterator[None]:
+    """Run featurizations inside the context with ``n_jobs`` processes.
+
+    The number of processes changes the speed, never the features, so it is not an input of :func:`featurize`: equal
+    structures and descriptor give equal process hashes (AiiDA caching) whatever the number of cores.
+    """
+    token = _JOBS.set(n_jobs)
+    try:
+        yield
+    finally:
+        _JOBS.reset(token)
+
+
+def row_label(index: int) -> str:
+    """Input link label of the structure of row ``index``."""
+    return f'{ROW_LABEL_PREFIX}{index:06d}'
+
+
+@calcfunction
+def featurize(descriptor: orm.Dict, **structures: orm.StructureData) -> SparseFeatureMatrix:
+    """Describe each structure with the descriptor and store the rows as one sparse feature matrix.
+
+    :param descriptor: descriptor parameters with a ``name`` from the registry, e.g. ``{'name': 'soap', 'r_cut': 6.0,
+        'n_max': 5, 'l_max': 5, 'species': [...]}``; without ``species``, the species of the structures are used.
+    :param structures: the structures, with labels ``row_000000``, ``row_000001``, ... giving the row order.
+    """
+    if not structures:
+        return EXIT_CODES['no_structures']
+    labels = sorted(structures)
+    for index, label in enumerate(labels):
+        if label != row_label(index):
+            return EXIT_CODES['bad_row_label'].format(label=label)
+
+    try:
+        featurizer = get_descriptor(descriptor.get_dict())
+    except (ValueError, TypeError, KeyError) as exception:
+        return EXIT_CODES['invalid_descriptor'].format(detail=str(exception))
+    if hasattr(featurizer, 'n_jobs'):
+        featurizer.n_jobs = _JOBS.get()
+
+    atoms = [structures[label].get_ase() for label in labels]
+    try:
+        featurizer.fit(atoms)
+    except ValueError as exception:
+        return EXIT_CODES['species_outside_list'].format(detail=_name_structure(exception, labels, structures))
+
+    return SparseFeatureMatrix.from_blocks(
+        featurizer.iter_blocks(atoms, block_size=DEFAULT_BLOCK_SIZE),
+        featurizer.n_features,
+        descriptor=featurizer.parameters,
+        dtype=getattr(featurizer, 'dtype', 'float64'),
+    )
+
+
+def _name_structure(exception: Exception, labels: Sequence[str], structures: t.Mapping[str, t.Any]) -> str:
+    """Add the input label and node to a descriptor error that names a structure by its index."""
+    import re
+
+    message = str(exception)
+    match = re.search(r'structure (\d+)', message)
+    if match and int(match.group(1)) < len(labels):
+        label = labels[int(match.group(1))]
+        message += f' (input `{label}`, {structures[label].get_formula()} <{structures[label].uuid}>)'
+    return message
+
+
+def featurize_structures(
+    structures: Sequence[orm.StructureData], descriptor: t.Mapping[str, t.Any] | orm.Dict, **kwargs: t.Any
+) -> SparseFeatureMatrix:
+    """Run :func:`featurize` on a list of structures, in list order; ``kwargs`` go to the process (``metadata``)."""
+    parameters = descriptor if isinstance(descriptor, orm.Dict) else orm.Dict(dict(descriptor))
+    return featurize(descriptor=parameters, **{row_label(i): s for i, s in enumerate(structures)}, **kwargs)
+
+
+def get_row_structures(matrix: SparseFeatureMatrix) -> list[orm.StructureData]:
+    """The structure nodes of the rows of a matrix made by :func:`featurize`, in row order.
+
+    :raises ValueError: if the matrix was not made by :func:`featurize`.
+    """
+    creator = matrix.creator
+    if creator is None or creator.process_label != 'featurize':
+        raise ValueError(f'{matrix} was not made by the featurize calcfunction, so its rows map to no structure nodes')
+    incoming = creator.base.links.get_incoming(node_class=orm.StructureData).all()
+    by_label = {link.link_label: link.node for link in incoming if link.link_label.startswith(ROW_LABEL_PREFIX)}
+    return [by_label[label] for label in sorted(by_label)]
