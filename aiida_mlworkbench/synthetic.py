@@ -347,8 +347,13 @@ def _atomic_number(symbol: str) -> int:
     return atomic_numbers[symbol]
 
 
-def iter_synthetic_embeddings(group: orm.Group) -> t.Iterator[tuple[orm.StructureData, orm.Dict]]:
-    """Yield the ``(host, impurity_info)`` pairs of a synthetic database in the order they were created.
+def iter_synthetic_embeddings(
+    group: orm.Group, batch_size: int = 1000
+) -> t.Iterator[tuple[orm.StructureData, orm.Dict]]:
+    """Return an iterator over the ``(host, impurity_info)`` pairs of a synthetic database, in the order created.
+
+    The ``impurity_info`` nodes are loaded ``batch_size`` at a time: thousands of nodes alive in the storage session
+    make every later database commit slow (each commit expires all of them).
 
     :raises ValueError: if the group holds no synthetic embeddings or a host is missing from the storage.
     """
@@ -359,10 +364,10 @@ def iter_synthetic_embeddings(group: orm.Group) -> t.Iterator[tuple[orm.Structur
         with_group='group',
         filters={f'extras.{EXTRA_SYNTHETIC}': True, 'extras': {'has_key': EXTRA_HOST_UUID}},
         tag='impurity_info',
-        project=['*', f'extras.{EXTRA_HOST_UUID}'],
+        project=['id', f'extras.{EXTRA_HOST_UUID}'],
     )
     query.order_by({'impurity_info': [{f'extras.{EXTRA_INDEX}': {'order': 'asc', 'cast': 'i'}}]})
-    rows: list[tuple[orm.Dict, str]] = query.all()
+    rows: list[tuple[int, str]] = query.all()
     if not rows:
         raise ValueError(
             f'{group} holds no synthetic impurity embeddings: create them with `create_synthetic_database` or '
@@ -370,11 +375,24 @@ def iter_synthetic_embeddings(group: orm.Group) -> t.Iterator[tuple[orm.Structur
         )
 
     host_uuids = {host_uuid for _, host_uuid in rows}
-    query = orm.QueryBuilder().append(orm.StructureData, filters={'uuid': {'in': list(host_uuids)}})
-    hosts = {host.uuid: host for host in query.all(flat=True)}
+    query = orm.QueryBuilder().append(
+        orm.StructureData, filters={'uuid': {'in': list(host_uuids)}}, project=['uuid', '*']
+    )
+    hosts: dict[str, orm.StructureData] = dict(query.all())
     if missing := host_uuids - hosts.keys():
         raise ValueError(
             f'{len(missing)} hosts of the synthetic embeddings in {group} are missing, e.g. {min(missing)}.'
         )
 
-    return ((hosts[host_uuid], impurity_info) for impurity_info, host_uuid in rows)
+    def generate() -> t.Iterator[tuple[orm.StructureData, orm.Dict]]:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            pks = sorted(pk for pk, _ in batch)
+            query = orm.QueryBuilder().append(orm.Dict, filters={'id': {'in': pks}}, tag='impurity_info')
+            query.order_by({'impurity_info': 'id'})
+            # Zip with the sorted pks: reading ``node.pk`` of a freshly queried node is a database round trip.
+            impurity_infos = dict(zip(pks, query.all(flat=True), strict=True))
+            for pk, host_uuid in batch:
+                yield hosts[host_uuid], impurity_infos[pk]
+
+    return generate()
