@@ -41,7 +41,8 @@ BLOCK_ROWS = 256
 GENERATOR_BLOCK_ROWS = 500
 FULL_READ_REPEATS = 3
 BLOCK_READ_WARMUP = 3
-BLOCK_READ_REPEATS = 21
+BLOCK_READ_REPEATS = 31
+SCAN_REPEATS = 3
 RSS_LIMIT = 2**30
 BLOCK_RATIO_LIMIT = 2.0
 PLAIN_FILENAME = 'plain.h5'
@@ -176,6 +177,8 @@ def phase_package_write(args: argparse.Namespace, workdir: pathlib.Path) -> dict
     """Time ``from_blocks`` + ``store`` from the streaming generator; its own time is subtracted."""
     from aiida_mlworkbench.data import SparseFeatureMatrix
 
+    # Warm-up on a tiny matrix (not stored): one-time imports and the default-user query are not part of the write.
+    SparseFeatureMatrix.from_blocks([row_block(0, 2, 10, 2, args.seed)], 10)
     blocks = TimedBlocks(args.rows, args.features, args.nnz_per_row, args.seed)
     rss_before = current_rss()
     start = time.perf_counter()
@@ -230,43 +233,30 @@ def timed_full_reads(read: t.Callable[[], t.Any]) -> tuple[float, str]:
     return statistics.median(times), digest
 
 
-def timed_block_reads(read: t.Callable[[int, int], t.Any], n_rows: int, seed: int) -> tuple[float, str]:
-    """Median wall time of the timed block reads after the warm-up ones, and a digest of the blocks read."""
-    times, digest = [], hashlib.sha256()
+def timed_block_reads(readers: dict[str, t.Callable[[int, int], t.Any]], n_rows: int, seed: int) -> dict[str, t.Any]:
+    """Median wall time of each reader's timed block reads after the warm-up ones, and a digest of the blocks read.
+
+    The readers take turns at each block position, in a rotating order, so that a change of the machine's load during
+    the run affects them alike.
+    """
+    names = list(readers)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    digests = {name: hashlib.sha256() for name in names}
     for count, first in enumerate(block_positions(n_rows, seed)):
         stop = min(first + BLOCK_ROWS, n_rows)
-        start = time.perf_counter()
-        block = read(first, stop)
-        elapsed = time.perf_counter() - start
-        if count >= BLOCK_READ_WARMUP:
-            times.append(elapsed)
-            digest.update(digest_of(block).encode())
-    return statistics.median(times), digest.hexdigest()
+        for name in names[count % len(names) :] + names[: count % len(names)]:
+            start = time.perf_counter()
+            block = readers[name](first, stop)
+            elapsed = time.perf_counter() - start
+            if count >= BLOCK_READ_WARMUP:
+                times[name].append(elapsed)
+                digests[name].update(digest_of(block).encode())
+    return {name: (statistics.median(times[name]), digests[name].hexdigest()) for name in names}
 
 
 def phase_plain_read(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, t.Any]:
-    import h5py
-
-    path = workdir / PLAIN_FILENAME
-    seconds, digest = timed_full_reads(lambda: read_plain(path))
-
-    def reopen(first: int, stop: int) -> t.Any:
-        with h5py.File(path, 'r') as handle:
-            return read_plain_rows(handle, first, stop, args.features)
-
-    block_s, block_digest = timed_block_reads(reopen, args.rows, args.seed)
-    with h5py.File(path, 'r') as handle:
-        open_block_s, _ = timed_block_reads(
-            lambda first, stop: read_plain_rows(handle, first, stop, args.features), args.rows, args.seed
-        )
-    return {
-        'read_s': seconds,
-        'digest': digest,
-        'block_s': block_s,
-        'block_open_s': open_block_s,
-        'block_digest': block_digest,
-        'peak_rss': peak_rss(),
-    }
+    seconds, digest = timed_full_reads(lambda: read_plain(workdir / PLAIN_FILENAME))
+    return {'read_s': seconds, 'digest': digest, 'peak_rss': peak_rss()}
 
 
 def phase_package_read(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, t.Any]:
@@ -275,17 +265,63 @@ def phase_package_read(args: argparse.Namespace, workdir: pathlib.Path) -> dict[
     node = orm.load_node(args.pk)
     seconds, digest = timed_full_reads(node.get_matrix)
     unverified_s, _ = timed_full_reads(lambda: node.get_matrix(verify=False))
-    block_s, block_digest = timed_block_reads(
-        lambda first, stop: node.get_rows(slice(first, stop)), node.n_rows, args.seed
-    )
-    return {
-        'read_s': seconds,
-        'read_unverified_s': unverified_s,
-        'digest': digest,
-        'block_s': block_s,
-        'block_digest': block_digest,
-        'peak_rss': peak_rss(),
-    }
+    return {'read_s': seconds, 'read_unverified_s': unverified_s, 'digest': digest, 'peak_rss': peak_rss()}
+
+
+def phase_block_read(args: argparse.Namespace, workdir: pathlib.Path) -> dict[str, t.Any]:
+    """Block reads of both ways, taking turns: ``get_rows``, plain h5py opening the file, plain h5py kept open."""
+    import h5py
+    from aiida import orm
+
+    node = orm.load_node(args.pk)
+    path = workdir / PLAIN_FILENAME
+
+    def plain(first: int, stop: int) -> t.Any:
+        with h5py.File(path, 'r') as handle:
+            return read_plain_rows(handle, first, stop, args.features)
+
+    with h5py.File(path, 'r') as kept_open:
+        results = timed_block_reads(
+            {
+                'package': lambda first, stop: node.get_rows(slice(first, stop)),
+                'plain': plain,
+                'plain_open': lambda first, stop: read_plain_rows(kept_open, first, stop, args.features),
+            },
+            args.rows,
+            args.seed,
+        )
+        scan = timed_scans(
+            {
+                'package': lambda: node.iter_blocks(BLOCK_ROWS),
+                'plain': lambda: (
+                    read_plain_rows(kept_open, first, min(first + BLOCK_ROWS, args.rows), args.features)
+                    for first in range(0, args.rows, BLOCK_ROWS)
+                ),
+            }
+        )
+    n_blocks = -(-args.rows // BLOCK_ROWS)
+    summary = {name: {'seconds': seconds, 'digest': digest} for name, (seconds, digest) in results.items()}
+    for name, (seconds, digest) in scan.items():
+        summary[f'{name}_scan'] = {'seconds': seconds / n_blocks, 'digest': digest}
+    return summary
+
+
+def timed_scans(scans: dict[str, t.Callable[[], Iterator[t.Any]]]) -> dict[str, tuple[float, str]]:
+    """Median wall time of ``SCAN_REPEATS`` sequential scans through all row blocks, taking turns, and a digest."""
+    times: dict[str, list[float]] = {name: [] for name in scans}
+    digests = {}
+    for _ in range(SCAN_REPEATS):
+        for name, scan in scans.items():
+            digest = ContentDigest()
+            elapsed = 0.0
+            start = time.perf_counter()
+            for block in scan():
+                elapsed += time.perf_counter() - start
+                digest.update(block.indptr, block.indices, block.data)
+                start = time.perf_counter()
+            times[name].append(elapsed + time.perf_counter() - start)
+            digests[name] = digest.hexdigest()
+    return {name: (statistics.median(times[name]), digests[name]) for name in scans}
 
 
 PHASES: dict[str, t.Callable[[argparse.Namespace, pathlib.Path], dict[str, t.Any]]] = {
@@ -293,12 +329,13 @@ PHASES: dict[str, t.Callable[[argparse.Namespace, pathlib.Path], dict[str, t.Any
     'package-write': phase_package_write,
     'plain-read': phase_plain_read,
     'package-read': phase_package_read,
+    'block-read': phase_block_read,
 }
 
 
 def run_child_phase(args: argparse.Namespace) -> int:
     """Entry point of a child process: load the profile if the phase needs it, run the phase, print JSON."""
-    if args.phase.startswith('package'):
+    if args.phase.startswith('package') or args.phase == 'block-read':
         import aiida
 
         aiida.load_profile(args.profile, allow_switch=True)
@@ -312,7 +349,10 @@ def run_child_phase(args: argparse.Namespace) -> int:
 
 def create_profile(directory: pathlib.Path) -> str:
     """Create a ``core.sqlite_dos`` profile in a fresh config under ``directory`` (``AIIDA_PATH`` points there)."""
+    import warnings
+
     os.environ['AIIDA_PATH'] = str(directory)
+    warnings.filterwarnings('ignore', message='Creating AiiDA configuration folder')
     from aiida.manage.configuration import create_profile as aiida_create_profile
     from aiida.manage.configuration import get_config
     from aiida.manage.configuration.settings import AiiDAConfigDir
@@ -359,8 +399,9 @@ def header() -> str:
         cpu = next((line.split(':', 1)[1].strip() for line in cpuinfo if line.startswith('model name')), cpu)
     packages = ['aiida-core', 'aiida-mlworkbench', 'disk-objectstore', 'numpy', 'scipy', 'h5py']
     versions = ', '.join(f'{name} {version(name)}' for name in packages)
+    load = ' '.join(f'{x:.1f}' for x in os.getloadavg())
     return (
-        f'{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | {cpu}, {os.cpu_count()} cores, '
+        f'{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | {cpu}, {os.cpu_count()} cores, load {load}, '
         f'{psutil.virtual_memory().total / 2**30:.1f} GiB RAM | Python {platform.python_version()}, {versions}, '
         f'HDF5 {h5py.version.hdf5_version}'
     )
@@ -378,6 +419,7 @@ def print_report(args: argparse.Namespace, plain: dict[str, t.Any], package: dic
         ('write (s)', package['write_s'], plain['write_s']),
         ('full read (s)', package['read_s'], plain['read_s']),
         (f'{BLOCK_ROWS}-row block read (ms, median)', package['block_s'] * 1e3, plain['block_s'] * 1e3),
+        (f'{BLOCK_ROWS}-row blocks, full scan (ms/block)', package['scan_s'] * 1e3, plain['scan_s'] * 1e3),
         ('file size (MB)', package['size'] / MB, plain['size'] / MB),
         ('peak RSS while writing (MB)', package['peak_rss'] / MB, plain['peak_rss'] / MB),
         ('peak RSS while reading (MB)', package['read_peak_rss'] / MB, plain['read_peak_rss'] / MB),
@@ -386,12 +428,15 @@ def print_report(args: argparse.Namespace, plain: dict[str, t.Any], package: dic
     for label, ours, theirs in rows:
         print(f'{label:<36}{ours:>12.2f}{theirs:>12.2f}{ours / theirs:>14.2f}x')
     print(
-        f'details: package write = from_blocks {package["from_blocks_s"]:.2f} s + store {package["store_s"]:.2f} s '
-        f'(row generation, {package["generate_s"]:.2f} s, excluded); full read without checksum '
-        f'{package["read_unverified_s"]:.2f} s; plain block read with the file kept open '
-        f'{plain["block_open_s"] * 1e3:.2f} ms; RSS before writing: package {package["rss_before"] / MB:.0f} MB, '
-        f'plain {plain["rss_before"] / MB:.0f} MB (whole matrix in memory); full reads median of {FULL_READ_REPEATS}, '
-        f'block reads median of {BLOCK_READ_REPEATS} after {BLOCK_READ_WARMUP} warm-up, each opening the file'
+        f'- write: package = from_blocks {package["from_blocks_s"]:.2f} s + store {package["store_s"]:.2f} s, '
+        f'row generation ({package["generate_s"]:.2f} s) excluded; RSS before writing: package '
+        f'{package["rss_before"] / MB:.0f} MB, plain {plain["rss_before"] / MB:.0f} MB (whole matrix in memory)\n'
+        f'- full read: median of {FULL_READ_REPEATS}; package without checksum verification '
+        f'{package["read_unverified_s"]:.2f} s\n'
+        f'- block read: get_rows vs opening the plain file and slicing, each call opening its file, median of '
+        f'{BLOCK_READ_REPEATS} random positions after {BLOCK_READ_WARMUP} warm-up, taking turns; plain with the file '
+        f'kept open: {plain["block_open_s"] * 1e3:.2f} ms\n'
+        f'- full scan: iter_blocks({BLOCK_ROWS}) vs slicing a plain file kept open, median of {SCAN_REPEATS} scans'
     )
     rss_ok = package['peak_rss'] < RSS_LIMIT
     ratio = package['block_s'] / plain['block_s']
@@ -434,16 +479,23 @@ def main() -> int:
         package = run_phase('package-write', args, directory, profile=profile)
         plain_read = run_phase('plain-read', args, directory)
         package_read = run_phase('package-read', args, directory, profile=profile, pk=package['pk'])
-    assert (home_config.stat().st_mtime if home_config.exists() else None) == home_mtime, '~/.aiida was modified'
+        blocks = run_phase('block-read', args, directory, profile=profile, pk=package['pk'])
+    if (home_config.stat().st_mtime if home_config.exists() else None) != home_mtime:
+        print('FAILED: ~/.aiida/config.json was modified', file=sys.stderr)
+        return 3
 
-    plain.update({key: value for key, value in plain_read.items() if key != 'peak_rss'})
-    package.update({key: value for key, value in package_read.items() if key != 'peak_rss'})
-    plain['read_peak_rss'], package['read_peak_rss'] = plain_read['peak_rss'], package_read['peak_rss']
+    plain.update(read_s=plain_read['read_s'], read_peak_rss=plain_read['peak_rss'], block_s=blocks['plain']['seconds'])
+    plain['block_open_s'] = blocks['plain_open']['seconds']
+    plain['scan_s'], package['scan_s'] = blocks['plain_scan']['seconds'], blocks['package_scan']['seconds']
+    package.update(read_s=package_read['read_s'], read_peak_rss=package_read['peak_rss'])
+    package.update(read_unverified_s=package_read['read_unverified_s'], block_s=blocks['package']['seconds'])
     passed = print_report(args, plain, package)
 
     written = {plain['digest'], package['digest']}
     read = {plain_read['digest'], package_read['digest']}
-    if len(written | read) != 1 or plain_read['block_digest'] != package_read['block_digest']:
+    block_digests = {blocks[name]['digest'] for name in ('package', 'plain', 'plain_open')}
+    read.update(blocks[name]['digest'] for name in ('package_scan', 'plain_scan'))
+    if len(written | read) != 1 or len(block_digests) != 1:
         print('FAILED: the content written or read back differs between the two ways', file=sys.stderr)
         return 2
     print('content: identical in all phases (SHA-256 of indptr, indices, data)')
