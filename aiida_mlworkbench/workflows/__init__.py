@@ -1,0 +1,5 @@
+"""Work chains of aiida-mlworkbench."""
+
+from .impurity_learning import ImpurityLearningWorkChain
+
+__all__ = ('ImpurityLearningWorkChain',)

@@ -1,0 +1,434 @@
+"""Work chain that learns a property of impurity clusters from aiida-kkr embeddings, every step in the provenance graph.
+
+embeddings (host StructureData + impurity_info Dict, as aiida-kkr stored them) or ready clusters
+  -> impurity_cluster_structures -> featurize -> targets -> split_rows -> train_model -> score_model
+"""
+
+from __future__ import annotations
+
+import typing as t
+from collections.abc import Iterable, Mapping
+
+from aiida import orm
+from aiida.engine import ExitCode, ProcessBuilder, WorkChain, if_
+
+from aiida_mlworkbench.calcfunctions.clusters import DEFAULT_BATCH_SIZE, impurity_cluster_structures
+from aiida_mlworkbench.calcfunctions.featurize import featurization_jobs, featurize, row_label
+from aiida_mlworkbench.calcfunctions.score import score_model
+from aiida_mlworkbench.calcfunctions.split import split_rows
+from aiida_mlworkbench.calcfunctions.targets import host_lattice_targets, targets_from_values
+from aiida_mlworkbench.calcfunctions.train import train_model
+from aiida_mlworkbench.data import SparseFeatureMatrix, TrainedModel
+from aiida_mlworkbench.descriptors import get_descriptor
+from aiida_mlworkbench.estimators import validate_estimator_specification
+
+__all__ = ('ImpurityLearningWorkChain', 'embedding_key')
+
+TARGETS = ('host_lattice', 'values')
+SPLIT_KEYS = {'test_fraction', 'seed', 'stratify', 'grouped'}
+DEFAULT_SPLIT = {'test_fraction': 0.25, 'seed': 0, 'stratify': True, 'grouped': False}
+DEFAULT_DESCRIPTOR = {'name': 'soap', 'r_cut': 6.0, 'n_max': 5, 'l_max': 5, 'sigma': 1.0, 'average': 'inner'}
+DEFAULT_ESTIMATOR = {
+    'estimator': 'SVC',
+    'parameters': {'kernel': 'linear'},
+    'scaler': {'name': 'StandardScaler', 'parameters': {'with_mean': False}},
+}
+
+
+def embedding_key(index: int) -> str:
+    """Namespace key of embedding (or cluster) ``index``; keys sort in index order, which fixes the row order."""
+    return f'e{index:06d}'
+
+
+def validate_descriptor(node: orm.Dict, _: t.Any) -> str | None:
+    try:
+        get_descriptor(node.get_dict())
+    except (ValueError, TypeError, KeyError) as exception:
+        return f'invalid descriptor parameters: {exception}'
+    return None
+
+
+def validate_estimator(node: orm.Dict, _: t.Any) -> str | None:
+    return validate_estimator_specification(node.get_dict())
+
+
+def validate_split(node: orm.Dict, _: t.Any) -> str | None:
+    settings = node.get_dict()
+    unknown = sorted(set(settings) - SPLIT_KEYS)
+    if unknown:
+        return f'unknown split setting(s) {", ".join(unknown)}; known: {", ".join(sorted(SPLIT_KEYS))}'
+    fraction = settings.get('test_fraction', DEFAULT_SPLIT['test_fraction'])
+    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        return f'split test_fraction must lie strictly between 0 and 1, got {fraction!r}'
+    return None
+
+
+def validate_inputs(inputs: Mapping[str, t.Any], _: t.Any) -> str | None:
+    """Check that the embeddings or clusters and the target are consistent, before anything runs."""
+    embeddings = inputs.get('embeddings', {})
+    hosts, infos = embeddings.get('hosts', {}), embeddings.get('impurity_infos', {})
+    clusters = inputs.get('clusters', {})
+    if bool(hosts or infos) == bool(clusters):
+        return 'give either `embeddings` (hosts and impurity_infos) or ready `clusters`, not both and not neither'
+    if set(hosts) != set(infos):
+        differing = sorted(set(hosts) ^ set(infos))[:5]
+        return f'embeddings.hosts and embeddings.impurity_infos must have the same keys; differing: {differing}'
+    if not set(embeddings.get('rcut_units', {})) <= set(hosts):
+        return 'embeddings.rcut_units has keys that are not embeddings'
+    target = inputs['target'].value
+    if target not in TARGETS:
+        return f'unknown target `{target}`: choose one of {", ".join(TARGETS)}'
+    n_samples = len(hosts) or len(clusters)
+    if target == 'values':
+        if 'target_values' not in inputs:
+            return 'target `values` needs the input `target_values` (a List with one value per embedding)'
+        n_values = len(inputs['target_values'].get_list())
+        if n_values != n_samples:
+            return f'target_values has {n_values} values but there are {n_samples} embeddings or clusters'
+    elif 'target_values' in inputs:
+        return f'target_values is given but the target is `{target}`: set target to `values` to use them'
+    return None
+
+
+class ImpurityLearningWorkChain(WorkChain):
+    """Learn a property of impurity clusters (by default the host lattice type) with every step recorded.
+
+    Takes the impurity embeddings as aiida-kkr stored them (the host ``StructureData`` and ``impurity_info`` ``Dict``
+    nodes, see :meth:`get_builder_from_kkr`) or ready cluster structures, and runs cluster extraction,
+    featurization, targets, a train/test split, training and scoring, each as a calcfunction whose outputs are
+    exposed by the work chain.
+    """
+
+    @classmethod
+    def define(cls, spec):
+        super().define(spec)
+        spec.input_namespace(
+            'embeddings',
+            required=False,
+            help='Impurity embeddings: the nodes aiida-kkr used. Keys sort in row order (see `embedding_key`).',
+        )
+        spec.input_namespace(
+            'embeddings.hosts', valid_type=orm.StructureData, dynamic=True, required=False, help='Host crystals.'
+        )
+        spec.input_namespace(
+            'embeddings.impurity_infos', valid_type=orm.Dict, dynamic=True, required=False, help='impurity_info.'
+        )
+        spec.input_namespace(
+            'embeddings.rcut_units',
+            valid_type=orm.Str,
+            dynamic=True,
+            required=False,
+            help="Unit of Rcut where it is not Angstrom ('alat' for aiida-kkr before mid 2019).",
+        )
+        spec.input_namespace(
+            'clusters',
+            valid_type=orm.StructureData,
+            dynamic=True,
+            required=False,
+            help='Ready impurity clusters instead of embeddings; keys sort in row order.',
+        )
+        spec.input(
+            'descriptor',
+            valid_type=orm.Dict,
+            default=lambda: orm.Dict(DEFAULT_DESCRIPTOR),
+            validator=validate_descriptor,
+            help='Descriptor parameters with a registered `name` (e.g. SOAP: r_cut, n_max, l_max, sigma, species).',
+        )
+        spec.input(
+            'target',
+            valid_type=orm.Str,
+            default=lambda: orm.Str('host_lattice'),
+            help="What to learn: 'host_lattice' (bcc/fcc/hcp/other of the host crystal) or 'values' (target_values).",
+        )
+        spec.input(
+            'target_values',
+            valid_type=orm.List,
+            required=False,
+            help='One value per embedding, in row order: numbers (regression) or labels (classification).',
+        )
+        spec.input(
+            'split',
+            valid_type=orm.Dict,
+            default=lambda: orm.Dict(DEFAULT_SPLIT),
+            validator=validate_split,
+            help='test_fraction, seed, stratify, and grouped (keep all embeddings of one host on one side).',
+        )
+        spec.input(
+            'estimator',
+            valid_type=orm.Dict,
+            default=lambda: orm.Dict(DEFAULT_ESTIMATOR),
+            validator=validate_estimator,
+            help='Estimator specification: estimator (allow-listed name), parameters, scaler, kernel.',
+        )
+        spec.input(
+            'n_jobs',
+            valid_type=int,
+            non_db=True,
+            default=1,
+            help='Processes for featurization (changes the speed, never the features).',
+        )
+        spec.inputs.validator = validate_inputs
+
+        spec.outline(
+            if_(cls.has_embeddings)(cls.extract_clusters),
+            cls.featurize,
+            cls.make_targets,
+            cls.split_rows,
+            cls.train,
+            cls.score,
+        )
+
+        spec.output_namespace(
+            'clusters', valid_type=orm.StructureData, dynamic=True, required=False, help='The impurity clusters.'
+        )
+        spec.output('features', valid_type=SparseFeatureMatrix, help='Feature matrix, one row per cluster.')
+        spec.output('targets', valid_type=orm.ArrayData, help='Target per row (array `targets`).')
+        spec.output('groups', valid_type=orm.ArrayData, required=False, help='Host per row (array `groups`).')
+        spec.output('split', valid_type=orm.ArrayData, help='Train and test row indices (arrays `train`, `test`).')
+        spec.output('model', valid_type=TrainedModel, help='The fitted estimator.')
+        spec.output('metrics', valid_type=orm.Dict, help='Test metrics (and the training score).')
+        spec.output('score', valid_type=orm.Float, help='Test accuracy (classification) or R2 (regression).')
+
+        spec.exit_code(401, 'ERROR_CLUSTER_EXTRACTION', message='Cluster extraction failed: {message}')
+        spec.exit_code(402, 'ERROR_FEATURIZATION', message='Featurization failed: {message}')
+        spec.exit_code(403, 'ERROR_TARGETS', message='Making the targets failed: {message}')
+        spec.exit_code(404, 'ERROR_NO_HOST', message='The host of cluster `{key}` is unknown: {message}')
+        spec.exit_code(405, 'ERROR_SPLIT', message='The train/test split failed: {message}')
+        spec.exit_code(406, 'ERROR_TRAINING', message='Training failed: {message}')
+        spec.exit_code(407, 'ERROR_SCORING', message='Scoring failed: {message}')
+
+    # -- steps -----------------------------------------------------------------------------------------------------
+
+    def has_embeddings(self) -> bool:
+        return 'embeddings' in self.inputs and bool(self.inputs.embeddings.get('hosts'))
+
+    def extract_clusters(self) -> ExitCode | None:
+        """Build the impurity clusters in batches, one process consuming each source pair."""
+        embeddings = self.inputs.embeddings
+        keys = sorted(embeddings.hosts)
+        rcut_units = embeddings.get('rcut_units', {})
+        self.report(f'extracting {len(keys)} impurity clusters in batches of {DEFAULT_BATCH_SIZE}')
+        clusters: dict[str, orm.StructureData] = {}
+        for start in range(0, len(keys), DEFAULT_BATCH_SIZE):
+            batch = keys[start : start + DEFAULT_BATCH_SIZE]
+            inputs: dict[str, t.Any] = {
+                'hosts': {key: embeddings.hosts[key] for key in batch},
+                'impurity_infos': {key: embeddings.impurity_infos[key] for key in batch},
+            }
+            units = {key: rcut_units[key] for key in batch if key in rcut_units}
+            if units:
+                inputs['rcut_units'] = units
+            outputs, process = impurity_cluster_structures.run_get_node(
+                **inputs, metadata={'call_link_label': 'impurity_clusters'}
+            )
+            if not process.is_finished_ok:
+                return self.exit_codes.ERROR_CLUSTER_EXTRACTION.format(message=process.exit_message)
+            clusters.update(outputs['clusters'])
+        self.out('clusters', clusters)
+        self.ctx.cluster_keys = keys
+        return None
+
+    def _clusters(self) -> tuple[list[str], Mapping[str, orm.StructureData]]:
+        if 'cluster_keys' in self.ctx:
+            return self.ctx.cluster_keys, self.outputs['clusters']
+        return sorted(self.inputs.clusters), self.inputs.clusters
+
+    def featurize(self) -> ExitCode | None:
+        keys, clusters = self._clusters()
+        descriptor = self.inputs.descriptor.get_dict()
+        self.report(f'featurizing {len(keys)} clusters with {descriptor.get("name")} on {self.inputs.n_jobs} job(s)')
+        with featurization_jobs(self.inputs.n_jobs):
+            features, process = featurize.run_get_node(
+                descriptor=self.inputs.descriptor,
+                **{row_label(row): clusters[key] for row, key in enumerate(keys)},
+                metadata={'call_link_label': 'featurize'},
+            )
+        if not process.is_finished_ok:
+            return self.exit_codes.ERROR_FEATURIZATION.format(message=process.exit_message)
+        self.report(f'feature matrix {features.shape[0]} x {features.shape[1]}, {features.nnz} non-zeros')
+        self.out('features', features)
+        return None
+
+    def make_targets(self) -> ExitCode | None:
+        if self.inputs.target.value == 'values':
+            targets, process = targets_from_values.run_get_node(
+                self.inputs.target_values, metadata={'call_link_label': 'targets'}
+            )
+            if not process.is_finished_ok:
+                return self.exit_codes.ERROR_TARGETS.format(message=process.exit_message)
+            self.out('targets', targets)
+            return None
+
+        keys, clusters = self._clusters()
+        hosts: dict[str, orm.StructureData] = {}
+        label_of_host: dict[str, str] = {}
+        rows: list[str] = []
+        for key in keys:
+            host = self._host_of(key, clusters[key])
+            if host is None:
+                return self.exit_codes.ERROR_NO_HOST.format(
+                    key=key,
+                    message='the host lattice target needs embeddings, or clusters made by '
+                    'impurity_cluster_structures (whose inputs record the host)',
+                )
+            label = label_of_host.setdefault(host.uuid, f'host_{len(label_of_host)}')
+            hosts[label] = host
+            rows.append(label)
+        outputs, process = host_lattice_targets.run_get_node(
+            rows=orm.List(rows), **hosts, metadata={'call_link_label': 'targets'}
+        )
+        if not process.is_finished_ok:
+            return self.exit_codes.ERROR_TARGETS.format(message=process.exit_message)
+        counts = {
+            label: int((outputs['targets'].get_array('targets') == label).sum()) for label in ('bcc', 'fcc', 'hcp')
+        }
+        self.report(f'host lattice targets of {len(hosts)} distinct hosts: {counts}')
+        self.out('targets', outputs['targets'])
+        self.out('groups', outputs['groups'])
+        return None
+
+    def _host_of(self, key: str, cluster: orm.StructureData) -> orm.StructureData | None:
+        """The host crystal of a cluster: from the embeddings, or from the inputs of the process that made it."""
+        if 'embeddings' in self.inputs and key in self.inputs.embeddings.get('hosts', {}):
+            return self.inputs.embeddings.hosts[key]
+        creator = cluster.creator
+        if creator is None:
+            return None
+        outgoing = creator.base.links.get_outgoing(node_class=orm.StructureData).all()
+        label = next((link.link_label for link in outgoing if link.node.uuid == cluster.uuid), None)
+        if label is None:
+            return None
+        if label == 'result':
+            host_label = 'host'
+        elif label.startswith('clusters__'):
+            host_label = f'hosts__{label.removeprefix("clusters__")}'
+        else:
+            return None
+        incoming = creator.base.links.get_incoming(node_class=orm.StructureData, link_label_filter=host_label).all()
+        return incoming[0].node if incoming else None
+
+    def split_rows(self) -> ExitCode | None:
+        settings = {**DEFAULT_SPLIT, **self.inputs.split.get_dict()}
+        inputs: dict[str, t.Any] = {
+            'targets': self.outputs['targets'],
+            'test_fraction': orm.Float(settings['test_fraction']),
+            'seed': orm.Int(settings['seed']),
+            'stratify': orm.Bool(settings['stratify']),
+        }
+        if settings['grouped']:
+            if 'groups' not in self.outputs:
+                return self.exit_codes.ERROR_SPLIT.format(message='a grouped split needs the host lattice target')
+            inputs['groups'] = self.outputs['groups']
+        split, process = split_rows.run_get_node(**inputs, metadata={'call_link_label': 'split'})
+        if not process.is_finished_ok:
+            return self.exit_codes.ERROR_SPLIT.format(message=process.exit_message)
+        self.report(
+            f'{split.base.attributes.get("kind")} split: {split.base.attributes.get("n_train")} train, '
+            f'{split.base.attributes.get("n_test")} test rows'
+        )
+        self.out('split', split)
+        return None
+
+    def train(self) -> ExitCode | None:
+        self.report(f'training {self.inputs.estimator.get("estimator")}')
+        model, process = train_model.run_get_node(
+            features=self.outputs['features'],
+            targets=self.outputs['targets'],
+            split=self.outputs['split'],
+            estimator=self.inputs.estimator,
+            metadata={'call_link_label': 'train'},
+        )
+        if not process.is_finished_ok:
+            return self.exit_codes.ERROR_TRAINING.format(message=process.exit_message)
+        self.out('model', model)
+        return None
+
+    def score(self) -> ExitCode | None:
+        outputs, process = score_model.run_get_node(
+            model=self.outputs['model'],
+            features=self.outputs['features'],
+            targets=self.outputs['targets'],
+            split=self.outputs['split'],
+            metadata={'call_link_label': 'score'},
+        )
+        if not process.is_finished_ok:
+            return self.exit_codes.ERROR_SCORING.format(message=process.exit_message)
+        self.out('metrics', outputs['metrics'])
+        self.out('score', outputs['score'])
+        self.report(f'test score {outputs["score"].value:.4f}')
+        return None
+
+    # -- builders --------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def get_builder_from_embeddings(
+        cls,
+        embeddings: Iterable[t.Any],
+        **inputs: t.Any,
+    ) -> ProcessBuilder:
+        """Return a builder for (host, impurity_info) pairs or :class:`~aiida_mlworkbench.kkr.ImpurityEmbedding`
+        objects, in the order given.
+
+        :param inputs: further inputs (descriptor, target, split, estimator, ...) as nodes or plain values.
+        """
+        from aiida_mlworkbench.kkr.geometry import RcutUnit
+
+        builder = cls.get_builder()
+        hosts, infos, units = {}, {}, {}
+        unit_nodes: dict[str, orm.Str] = {}
+        for index, embedding in enumerate(embeddings):
+            key = embedding_key(index)
+            if isinstance(embedding, tuple):
+                hosts[key], infos[key] = embedding
+                continue
+            hosts[key], infos[key] = embedding.host, embedding.impurity_info
+            unit = RcutUnit(embedding.rcut_unit)
+            if unit is not RcutUnit.ANGSTROM:
+                units[key] = unit_nodes.setdefault(unit.value, orm.Str(unit.value))
+        builder.embeddings.hosts = hosts
+        builder.embeddings.impurity_infos = infos
+        if units:
+            builder.embeddings.rcut_units = units
+        _set_inputs(builder, inputs)
+        return builder
+
+    @classmethod
+    def get_builder_from_kkr(
+        cls,
+        nodes: orm.Node | orm.Group | Iterable[orm.Node],
+        **inputs: t.Any,
+    ) -> ProcessBuilder:
+        """Return a builder for the impurity embeddings of aiida-kkr processes (a node, a list or a ``Group``).
+
+        Each (host, impurity_info) pair is one embedding however many processes used it; in a ``Group``, nodes that
+        are no impurity embedding are skipped (and logged).
+        """
+        from aiida_mlworkbench.kkr.embeddings import resolve_impurity_embeddings
+
+        resolved = resolve_impurity_embeddings(nodes)
+        if not len(resolved):
+            raise ValueError(f'no impurity embeddings found in {nodes}')
+        return cls.get_builder_from_embeddings(resolved, **inputs)
+
+    @classmethod
+    def get_builder_from_clusters(cls, clusters: Iterable[orm.StructureData], **inputs: t.Any) -> ProcessBuilder:
+        """Return a builder for ready impurity-cluster structures, in the order given."""
+        builder = cls.get_builder()
+        builder.clusters = {embedding_key(index): cluster for index, cluster in enumerate(clusters)}
+        _set_inputs(builder, inputs)
+        return builder
+
+
+def _set_inputs(builder: ProcessBuilder, inputs: Mapping[str, t.Any]) -> None:
+    """Set plain values as the nodes the ports expect (dicts as Dict, lists as List, strings as Str)."""
+    for name, value in inputs.items():
+        if isinstance(value, orm.Data) or name == 'n_jobs':
+            builder[name] = value
+        elif isinstance(value, Mapping):
+            builder[name] = orm.Dict(dict(value))
+        elif isinstance(value, (list, tuple)):
+            builder[name] = orm.List(list(value))
+        elif isinstance(value, str):
+            builder[name] = orm.Str(value)
+        else:
+            raise TypeError(f'cannot set input `{name}` from a {type(value).__name__}')
