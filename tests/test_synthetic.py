@@ -32,25 +32,24 @@ def _unique_label(prefix: str) -> str:
     return f'test/{prefix}/{uuid.uuid4().hex[:12]}'
 
 
-def _embedding_keys(embeddings) -> list[tuple[str, str, float]]:
-    """Return (host element, impurity element, strain) of each embedding, as read back from the stored nodes.
+def _embedding_keys(embeddings) -> tuple[list[tuple[str, str, float]], list[int]]:
+    """Return (host element, impurity element, strain) of each embedding as read back from the stored nodes, and pks.
 
-    The impurity is read with one query: each attribute access of an ORM node is a database round trip.
+    The impurities are read with one query: each attribute access of a queried ORM node is a database round trip.
     """
     embeddings = list(embeddings)
-    query = orm.QueryBuilder().append(
-        orm.Dict, filters={'id': {'in': [info.pk for _, info in embeddings]}}, project=['id', 'attributes.Zimp']
-    )
+    pks = [info.pk for _, info in embeddings]
+    query = orm.QueryBuilder().append(orm.Dict, filters={'id': {'in': pks}}, project=['id', 'attributes.Zimp'])
     impurities = {pk: chemical_symbols[zimp[0]] for pk, zimp in query.all()}
     hosts: dict[str, tuple[str, float]] = {}
     keys = []
-    for host, impurity_info in embeddings:
+    for (host, _), pk in zip(embeddings, pks, strict=True):
         if host.uuid not in hosts:
             (host_symbol,) = set(host.get_ase().get_chemical_symbols())
             hosts[host.uuid] = (host_symbol, host.base.extras.get(synthetic.EXTRA_STRAIN))
         host_symbol, strain = hosts[host.uuid]
-        keys.append((host_symbol, impurities[impurity_info.pk], strain))
-    return keys
+        keys.append((host_symbol, impurities[pk], strain))
+    return keys, pks
 
 
 @pytest.fixture(scope='module')
@@ -169,21 +168,21 @@ def test_database_order_matches_plan(database_1752):
     plan = plan_synthetic_database(1752, seed=0)
     embeddings = list(iter_synthetic_embeddings(group))
 
-    keys = _embedding_keys(embeddings)
+    keys, pks = _embedding_keys(embeddings)
     assert keys == [(e.host, e.impurity, e.strain) for e in plan]
 
     query = orm.QueryBuilder().append(
-        orm.Dict,
-        filters={'id': {'in': [info.pk for _, info in embeddings]}},
-        project=['id', f'extras.{EXTRA_INDEX}', f'extras.{EXTRA_HOST_UUID}'],
+        orm.Dict, filters={'id': {'in': pks}}, project=['id', f'extras.{EXTRA_INDEX}', f'extras.{EXTRA_HOST_UUID}']
     )
     extras = {pk: (index, host_uuid) for pk, index, host_uuid in query.all()}
-    assert [extras[info.pk][0] for _, info in embeddings] == list(range(1752))
+    assert [extras[pk][0] for pk in pks] == list(range(1752))
 
+    host_uuids: dict[int, str] = {}  # by Python object: hosts are shared objects, read each uuid once
     hosts_by_key = collections.defaultdict(set)
-    for (host_symbol, _, strain), (host, info) in zip(keys, embeddings, strict=True):
-        assert extras[info.pk][1] == host.uuid
-        hosts_by_key[(host_symbol, strain)].add(host.uuid)
+    for (host_symbol, _, strain), (host, _), pk in zip(keys, embeddings, pks, strict=True):
+        host_uuid = host_uuids.setdefault(id(host), host.uuid)
+        assert extras[pk][1] == host_uuid
+        hosts_by_key[(host_symbol, strain)].add(host_uuid)
     assert all(len(uuids) == 1 for uuids in hosts_by_key.values())
 
 
@@ -230,12 +229,12 @@ def test_database_rcut_two_shells(database_1752):
     expected = {'fcc': 18, 'hcp': 18, 'bcc': 14}
     seen = {}
     for host, info in iter_synthetic_embeddings(group):
-        if host.uuid in seen:
+        if id(host) in seen:  # hosts are shared objects: test each once
             continue
         lattice = host.base.extras.get(synthetic.EXTRA_LATTICE)
         rows = create_scoef_array(host.clone(), info['Rcut'])  # an unstored copy reads its attributes in memory
-        seen[host.uuid] = (lattice, len(rows) - 1)
-    assert seen
+        seen[id(host)] = (lattice, len(rows) - 1)
+    assert len(seen) == group.base.extras.get('hosts')
     for lattice, neighbours in seen.values():
         assert neighbours == expected[lattice]
 
@@ -296,6 +295,6 @@ def test_database_7100():
     counts = group.base.extras.get('lattice_counts')
     assert sorted(counts.values()) == [2366, 2367, 2367]
 
-    first = _embedding_keys(itertools.islice(iter_synthetic_embeddings(group), 20))
+    first, _ = _embedding_keys(itertools.islice(iter_synthetic_embeddings(group), 20))
     assert first == [(e.host, e.impurity, e.strain) for e in plan[:20]]
     assert elapsed < 60
