@@ -14,6 +14,7 @@ import json
 import pathlib
 import tempfile
 import typing as t
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 
 import h5py
@@ -143,7 +144,7 @@ class _ContentHasher:
         self.update_one('data', data)
 
     def update_one(self, name: str, values: np.ndarray) -> None:
-        getattr(self, f'_{name}').update(np.ascontiguousarray(values).tobytes())
+        getattr(self, f'_{name}').update(np.ascontiguousarray(values))  # the buffer itself: no copy
 
     def hexdigest(self, shape: tuple[int, int], dtype: np.dtype, indices_dtype: np.dtype) -> str:
         header = json.dumps({'shape': list(shape), 'dtype': dtype.name, 'indices': indices_dtype.name})
@@ -297,44 +298,53 @@ class SparseFeatureMatrix(Data):
             raise ValueError(
                 'this SparseFeatureMatrix holds no matrix: build it with SparseFeatureMatrix(matrix) or from_blocks()'
             )
-        with self._open() as handle:
-            self._check_layout(handle)
+        with self._open():  # checks the layout against the attributes
+            pass
         return True
 
     # Queryable properties ---------------------------------------------------------------------------------------
 
+    def _attribute(self, name: str, default: t.Any = None) -> t.Any:
+        """An attribute; of a stored (immutable) node, from one snapshot instead of a database query per access."""
+        if not self.is_stored:
+            return self.base.attributes.get(name, default)
+        snapshot = self.__dict__.get('_attribute_snapshot')
+        if snapshot is None:
+            snapshot = self.__dict__['_attribute_snapshot'] = self.base.attributes.all
+        return snapshot.get(name, default)
+
     @property
     def shape(self) -> tuple[int, int]:
         """(number of rows, number of features)."""
-        n_rows, n_features = self.base.attributes.get('shape')
+        n_rows, n_features = self._attribute('shape')
         return n_rows, n_features
 
     @property
     def n_rows(self) -> int:
-        return self.base.attributes.get('n_rows')
+        return self._attribute('n_rows')
 
     @property
     def n_features(self) -> int:
-        return self.base.attributes.get('n_features')
+        return self._attribute('n_features')
 
     @property
     def nnz(self) -> int:
         """Number of stored (non-zero) values."""
-        return self.base.attributes.get('nnz')
+        return self._attribute('nnz')
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self.base.attributes.get('dtype'))
+        return np.dtype(self._attribute('dtype'))
 
     @property
     def descriptor(self) -> dict[str, t.Any]:
         """Parameters of the descriptor that made these features (name, species, cutoffs, ...)."""
-        return self.base.attributes.get('descriptor', {})
+        return self._attribute('descriptor', {})
 
     @property
     def checksum(self) -> str:
         """SHA-256 of the CSR content, independent of how it was written."""
-        return self.base.attributes.get('checksum')
+        return self._attribute('checksum')
 
     @property
     def density(self) -> float:
@@ -346,9 +356,34 @@ class SparseFeatureMatrix(Data):
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[h5py.File]:
-        """Open the HDF5 file through the repository's own file handle: no temporary copy of a large file."""
-        with self.base.repository.open(self.FILENAME, mode='rb') as stream, h5py.File(stream, 'r') as handle:
-            yield handle
+        """Open the HDF5 file through the repository's own file handle (no temporary copy) and check its layout.
+
+        A stored node is immutable, so its file stays open for later reads: opening a file in the object store costs
+        more than reading a block of rows from it. :meth:`close` releases it.
+        """
+        if not self.is_stored:
+            with self.base.repository.open(self.FILENAME, mode='rb') as stream, h5py.File(stream, 'r') as handle:
+                self._check_layout(handle)
+                yield handle
+            return
+        reader = self.__dict__.get('_open_reader')
+        if reader is None:
+            stack = contextlib.ExitStack()
+            try:
+                stream = stack.enter_context(self.base.repository.open(self.FILENAME, mode='rb'))
+                handle = stack.enter_context(h5py.File(stream, 'r'))
+                self._check_layout(handle)
+            except BaseException:
+                stack.close()
+                raise
+            reader = self.__dict__['_open_reader'] = (handle, stack, weakref.finalize(self, stack.close))
+        yield reader[0]
+
+    def close(self) -> None:
+        """Close the HDF5 file that reads of a stored node keep open (it is also closed when the node is collected)."""
+        reader = self.__dict__.pop('_open_reader', None)
+        if reader is not None:
+            reader[2]()
 
     def _check_layout(self, handle: h5py.File) -> None:
         """Cheap consistency checks between the file and the attributes (no data is read)."""
@@ -403,7 +438,6 @@ class SparseFeatureMatrix(Data):
         if kind not in ('array', 'matrix'):
             raise ValueError(f"kind must be 'array' or 'matrix', got {kind!r}")
         with self._open() as handle:
-            self._check_layout(handle)
             indptr, indices, data = self._read_raw(handle, 0, self.n_rows)
         if verify:
             hasher = _ContentHasher()
@@ -419,7 +453,6 @@ class SparseFeatureMatrix(Data):
         """
         n_rows = self.n_rows
         with self._open() as handle:
-            self._check_layout(handle)
             if isinstance(rows, slice):
                 start, stop, step = rows.indices(n_rows)
                 if step == 1:
@@ -456,7 +489,6 @@ class SparseFeatureMatrix(Data):
         if block_size < 1:
             raise ValueError(f'block_size must be positive, got {block_size}')
         with self._open() as handle:
-            self._check_layout(handle)
             for start in range(0, self.n_rows, block_size):
                 yield self._read_row_range(handle, start, min(start + block_size, self.n_rows))
 
@@ -467,7 +499,6 @@ class SparseFeatureMatrix(Data):
         """
         hasher = _ContentHasher()
         with self._open() as handle:
-            self._check_layout(handle)
             # The checksum hashes each array as one stream, so slab boundaries do not matter.
             for name, offset in (('indptr', 1), ('indices', 0), ('data', 0)):
                 dataset = handle[name]
