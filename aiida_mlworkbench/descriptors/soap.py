@@ -59,8 +59,9 @@ class SpeciesAwareSOAP(Descriptor):
     :param n_jobs: processes used by :meth:`iter_blocks`; it changes the speed, never the values, and is therefore not
         part of :attr:`parameters`. ``-1`` means all cores. Each worker process costs about 3 s of CPU to start (it
         imports DScribe, which imports scikit-learn); joblib keeps the workers for later calls in the same process.
-        So more than one job pays for long runs (N = 1752 at n_max = l_max = 9, or N = 7100) and in long-lived
-        processes, not for a single short run.
+        Measured on 2 shared cores (``benchmarks/featurization_speed.py``): with warm workers 2 jobs were up to 1.9x
+        faster than 1, with cold workers (one short run in a fresh process) 2 to 5x slower, and with both cores busy
+        with other work no faster at all. Hence the default of 1.
     """
 
     name = 'soap'
