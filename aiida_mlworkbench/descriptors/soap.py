@@ -174,7 +174,7 @@ class SpeciesAwareSOAP(Descriptor):
     ) -> Iterator[scipy.sparse.csr_array]:
         """Yield CSR blocks of at most ``block_size`` rows, in input order; with ``n_jobs != 1`` blocks run in parallel.
 
-        With several processes, at most about ``2 * n_jobs`` blocks are in flight at a time, so memory stays bounded.
+        With several processes, at most about ``6 * n_jobs`` blocks are held at a time, so memory stays bounded.
         All species are checked before the first block is computed, so that a bad structure fails the run at once.
         """
         if block_size < 1:
@@ -184,17 +184,60 @@ class SpeciesAwareSOAP(Descriptor):
             self._check_species(structure, index)
         starts = range(0, len(structures), block_size)
         if self.n_jobs == 1 or len(starts) <= 1:
-            for start in starts:
-                yield self._create_block(structures[start : start + block_size], offset=start)
+            yield from self._iter_blocks_serially(structures, block_size)
             return
 
-        import joblib
+        yield from self._iter_blocks_in_parallel(structures, block_size)
 
+    def _iter_blocks_in_parallel(
+        self, structures: Sequence[ase.Atoms], block_size: int
+    ) -> Iterator[scipy.sparse.csr_array]:
+        """Share the blocks between this process and ``n_jobs - 1`` worker processes, yielding them in order.
+
+        This process computes blocks itself whenever the next block to yield is not ready, so a run is never slower
+        than serial while the workers are still starting (each imports DScribe, which takes seconds), and at most
+        about ``6 * n_jobs`` blocks are held at a time.
+        """
+        import joblib
+        from joblib.externals.loky import get_reusable_executor
+
+        n_workers = (self.n_jobs if self.n_jobs > 0 else joblib.cpu_count() + 1 + self.n_jobs) - 1
+        if n_workers < 1:
+            yield from self._iter_blocks_serially(structures, block_size)
+            return
+        executor = get_reusable_executor(max_workers=n_workers)  # Kept alive across calls, as joblib does.
         parameters = json.dumps(self.parameters, sort_keys=True)
-        yield from joblib.Parallel(n_jobs=self.n_jobs, return_as='generator')(
-            joblib.delayed(_create_block_in_worker)(parameters, structures[start : start + block_size], start)
-            for start in starts
-        )
+        starts = range(0, len(structures), block_size)
+        max_computed_ahead = 4 * self.n_jobs
+        submitted: dict[int, t.Any] = {}  # Block index -> future of a worker.
+        computed: dict[int, scipy.sparse.csr_array] = {}
+        next_to_assign = 0
+        try:
+            for next_to_yield in range(len(starts)):
+                while next_to_yield not in computed:
+                    while next_to_assign < len(starts) and len(submitted) < 2 * n_workers:
+                        start = starts[next_to_assign]
+                        block = structures[start : start + block_size]
+                        submitted[next_to_assign] = executor.submit(_create_block_in_worker, parameters, block, start)
+                        next_to_assign += 1
+                    # Every block before next_to_assign is submitted, computed or yielded, so this one is submitted.
+                    future = submitted[next_to_yield]
+                    if future.done() or next_to_assign == len(starts) or len(computed) >= max_computed_ahead:
+                        computed[next_to_yield] = submitted.pop(next_to_yield).result()
+                    else:
+                        start = starts[next_to_assign]
+                        computed[next_to_assign] = self._create_block(structures[start : start + block_size], start)
+                        next_to_assign += 1
+                yield computed.pop(next_to_yield)
+        finally:
+            for future in submitted.values():
+                future.cancel()
+
+    def _iter_blocks_serially(
+        self, structures: Sequence[ase.Atoms], block_size: int
+    ) -> Iterator[scipy.sparse.csr_array]:
+        for start in range(0, len(structures), block_size):
+            yield self._create_block(structures[start : start + block_size], offset=start)
 
     def _create_block(self, structures: Sequence[ase.Atoms], offset: int = 0) -> scipy.sparse.csr_array:
         """Rows of ``structures``: one small DScribe call per species set, then the columns moved to global ones."""
