@@ -2,7 +2,8 @@
 
 The storage backend is chosen with ``--aiida-storage`` (or the ``MLWORKBENCH_TEST_STORAGE`` environment variable):
 
-* ``core.sqlite_dos`` (default): the embedded storage, no services needed.
+* ``core.sqlite_dos`` (default): the embedded storage with aiida-core's built-in ZeroMQ broker, no services needed
+  (aiida-core's fixtures start the broker for the session, so daemon tests run here too).
 * ``core.psql_dos``: the production setup, a database on the PostgreSQL service at ``127.0.0.1:5432`` (override with
   ``MLWORKBENCH_TEST_PG_HOST``/``_PORT``/``_USER``) and RabbitMQ at ``127.0.0.1:5672`` as broker.
 """
@@ -13,11 +14,15 @@ import contextlib
 import os
 import pathlib
 import secrets
+import sys
 import typing as t
 
 import pytest
 
 pytest_plugins = ['aiida.tools.pytest_fixtures']
+
+# The daemon starts workers with the `verdi` next to this interpreter, also when the environment is not activated.
+os.environ['PATH'] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get('PATH', '')])
 
 STORAGE_BACKENDS = ('core.sqlite_dos', 'core.psql_dos')
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -90,7 +95,7 @@ def make_profile(aiida_profile_factory, aiida_storage_backend, tmp_path_factory)
     @contextlib.contextmanager
     def factory(config):
         if aiida_storage_backend == 'core.sqlite_dos':
-            with aiida_profile_factory(config) as profile:
+            with aiida_profile_factory(config, broker_backend='core.zeromq') as profile:
                 yield profile
         else:
             with (
@@ -118,7 +123,8 @@ def aiida_profile(aiida_config, make_profile):
 def fresh_profile(aiida_profile, make_profile):
     """Return a context manager that switches to a second, empty profile (for archive import round trips).
 
-    On leaving the context the session profile is loaded again.
+    On leaving the context the session profile is loaded again, with a new storage object: node objects loaded before
+    the switch are stale afterwards, so fixtures that outlive a test should hand out pks or UUIDs, not nodes.
     """
 
     @contextlib.contextmanager

@@ -16,7 +16,17 @@ EXIT_CODES = {
     'incompatible_features': ExitCode(330, 'the model cannot score these features: {detail}'),
     'targets_mismatch': ExitCode(331, 'targets has {n_targets} entries but the feature matrix has {n_rows} rows'),
     'unsupported_task': ExitCode(332, 'cannot score a model of task `{task}`: only classification and regression'),
+    'undefined_score': ExitCode(333, 'the {name} is undefined on {n_test} test row(s): use a larger test set'),
 }
+
+
+def _finite_or_none(value: t.Any) -> t.Any:
+    """Metrics that are undefined (R2 of a single sample is NaN) are stored as None: the database takes no NaN."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    return value
 
 
 def _labels(values: np.ndarray) -> list:
@@ -93,4 +103,7 @@ def score_model(
     metrics.update(
         {'task': task, 'n_test': int(test.size), 'n_train': int(train.size), f'train_{main}': train_metrics[main]}
     )
+    metrics = _finite_or_none(metrics)
+    if metrics[main] is None:
+        return EXIT_CODES['undefined_score'].format(name=main, n_test=int(test.size))
     return {'metrics': orm.Dict(metrics), 'score': orm.Float(metrics[main])}
