@@ -59,9 +59,9 @@ class SpeciesAwareSOAP(Descriptor):
     :param n_jobs: processes used by :meth:`iter_blocks`; it changes the speed, never the values, and is therefore not
         part of :attr:`parameters`. ``-1`` means all cores. Each worker process costs about 3 s of CPU to start (it
         imports DScribe, which imports scikit-learn); joblib keeps the workers for later calls in the same process.
-        Measured on 2 shared cores (``benchmarks/featurization_speed.py``): with warm workers 2 jobs were up to 1.9x
-        faster than 1, with cold workers (one short run in a fresh process) 2 to 5x slower, and with both cores busy
-        with other work no faster at all. Hence the default of 1.
+        On the 2-core development machine, busy with other work while measured (``benchmarks/featurization_speed.py``),
+        2 jobs were at best 1.3 to 1.9x faster than 1 (warm workers, N = 1752) and often slower, because there was no
+        idle core to use. Hence the default of 1; try 2 where a core is free and runs are long.
     """
 
     name = 'soap'
@@ -194,9 +194,9 @@ class SpeciesAwareSOAP(Descriptor):
     ) -> Iterator[scipy.sparse.csr_array]:
         """Share the blocks between this process and ``n_jobs - 1`` worker processes, yielding them in order.
 
-        This process computes blocks itself whenever the next block to yield is not ready, so a run is never slower
-        than serial while the workers are still starting (each imports DScribe, which takes seconds), and at most
-        about ``6 * n_jobs`` blocks are held at a time.
+        This process never waits for a worker: whenever the next block to yield is not ready it computes another
+        block, or that block itself, so a run is not slower than a serial one while the workers are still starting
+        (each imports DScribe, which takes seconds). At most about ``6 * n_jobs`` blocks are held at a time.
         """
         import joblib
         from joblib.externals.loky import get_reusable_executor
@@ -221,13 +221,16 @@ class SpeciesAwareSOAP(Descriptor):
                         submitted[next_to_assign] = executor.submit(_create_block_in_worker, parameters, block, start)
                         next_to_assign += 1
                     # Every block before next_to_assign is submitted, computed or yielded, so this one is submitted.
-                    future = submitted[next_to_yield]
-                    if future.done() or next_to_assign == len(starts) or len(computed) >= max_computed_ahead:
+                    if submitted[next_to_yield].done():
                         computed[next_to_yield] = submitted.pop(next_to_yield).result()
-                    else:
+                    elif next_to_assign < len(starts) and len(computed) < max_computed_ahead:
                         start = starts[next_to_assign]
                         computed[next_to_assign] = self._create_block(structures[start : start + block_size], start)
                         next_to_assign += 1
+                    else:  # Rather than wait for a worker (it may still be starting), compute its block here too.
+                        submitted.pop(next_to_yield).cancel()
+                        start = starts[next_to_yield]
+                        computed[next_to_yield] = self._create_block(structures[start : start + block_size], start)
                 yield computed.pop(next_to_yield)
         finally:
             for future in submitted.values():
