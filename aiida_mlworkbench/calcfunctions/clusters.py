@@ -39,7 +39,7 @@ __all__ = (
     'impurity_cluster_structures',
 )
 
-DEFAULT_BATCH_SIZE = 1000
+DEFAULT_BATCH_SIZE = 100
 """Pairs per :func:`impurity_cluster_structures` process: large enough that the process overhead is amortised."""
 
 EXTRA_ZIMP = 'mlworkbench_zimp'

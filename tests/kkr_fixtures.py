@@ -1,0 +1,72 @@
+"""Fixtures shared by the tests on real aiida-kkr archives: import them, and the processes they hold.
+
+Import into a test module with ``from .kkr_fixtures import kkr_archives  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+from aiida import orm
+
+ARCHIVE_PATTERNS = ('*.aiida', '*.tar.gz')
+N_ARCHIVES = 17
+
+IMPURITY_PROCESS_TYPES = (
+    'aiida.calculations:kkr.kkrimp',
+    'aiida.calculations:kkr.kkr',
+    'aiida.workflows:kkr.imp',
+    'aiida.workflows:kkr.imp_sub',
+    'aiida.workflows:kkr.gf_writeout',
+    'aiida.workflows:kkr.imp_dos',
+    'aiida.workflows:kkr.STM',
+    'aiida_kkr.workflows.kkr_imp_dos.kkr_imp_dos_wc',
+)
+
+
+@pytest.fixture(scope='module')
+def kkr_archives(kkr_archives_dir: pathlib.Path) -> dict[str, orm.Group]:
+    """Import every shared aiida-kkr archive into the test profile (once per module) and return the import groups.
+
+    The ``*-nodes-*.tar.gz`` files are zip archives despite their names and the gzip'd ``export_*`` files are old
+    formats that aiida migrates on import: ``import_archive`` handles both. Nodes already present are skipped, so a
+    second module importing them again is cheap and gets the same nodes.
+    """
+    from aiida.tools.archive import import_archive
+
+    paths = sorted({path for pattern in ARCHIVE_PATTERNS for path in kkr_archives_dir.glob(pattern)})
+    assert len(paths) == N_ARCHIVES, f'expected {N_ARCHIVES} archives in {kkr_archives_dir}, found {len(paths)}'
+    groups = {}
+    for path in paths:
+        group = import_archive(path, import_new_extras=False)
+        assert group is not None, f'importing {path.name} gave no import group'
+        groups[path.name] = group
+    return groups
+
+
+def impurity_process_nodes() -> list[orm.ProcessNode]:
+    """Return the aiida-kkr processes of the impurity kinds (GF write-outs still mixed with other KkrCalculations)."""
+    query = orm.QueryBuilder().append(
+        orm.ProcessNode, filters={'process_type': {'in': list(IMPURITY_PROCESS_TYPES)}}, project='*'
+    )
+    return query.all(flat=True)
+
+
+def has_impurity_info_input(node: orm.ProcessNode) -> bool:
+    return 'impurity_info' in node.base.links.get_incoming().all_link_labels()
+
+
+def cluster_writers() -> list[orm.CalcJobNode]:
+    """Return every ``KkrimpCalculation`` and host Green function write-out ``KkrCalculation`` that keeps ``scoef``."""
+    from aiida_mlworkbench.kkr.scoef import SCOEF_FILENAME
+
+    writers = []
+    for node in impurity_process_nodes():
+        if not isinstance(node, orm.CalcJobNode):
+            continue
+        if node.process_type == 'aiida.calculations:kkr.kkr' and not has_impurity_info_input(node):
+            continue
+        if SCOEF_FILENAME in node.base.repository.list_object_names():
+            writers.append(node)
+    return writers
