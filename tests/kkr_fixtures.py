@@ -26,22 +26,33 @@ IMPURITY_PROCESS_TYPES = (
 
 
 @pytest.fixture(scope='module')
-def kkr_archives(kkr_archives_dir: pathlib.Path) -> dict[str, orm.Group]:
+def kkr_archives(kkr_archives_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, orm.Group]:
     """Import every shared aiida-kkr archive into the test profile (once per module) and return the import groups.
 
-    The ``*-nodes-*.tar.gz`` files are zip archives despite their names and the gzip'd ``export_*`` files are old
-    formats that aiida migrates on import: ``import_archive`` handles both. Nodes already present are skipped, so a
-    second module importing them again is cheap and gets the same nodes.
+    The ``*-nodes-*.tar.gz`` files are zip archives despite their names; the gzip'd ``export_*`` files are old formats,
+    migrated to a temporary copy first as ``verdi archive import`` does. Nodes already present are skipped, so a second
+    module importing them again gets the same nodes.
     """
+    from aiida.common.exceptions import IncompatibleStorageSchema
     from aiida.tools.archive import import_archive
+    from aiida.tools.archive.abstract import get_format
 
     paths = sorted({path for pattern in ARCHIVE_PATTERNS for path in kkr_archives_dir.glob(pattern)})
     assert len(paths) == N_ARCHIVES, f'expected {N_ARCHIVES} archives in {kkr_archives_dir}, found {len(paths)}'
     groups = {}
+    migrated = tmp_path_factory.mktemp('migrated_archives')
     for path in paths:
-        group = import_archive(path, import_new_extras=False)
+        try:
+            group = import_archive(path, import_new_extras=False)
+        except IncompatibleStorageSchema:
+            # Old archive formats are migrated to a copy first, as ``verdi archive import`` does.
+            archive_format = get_format()
+            copy = migrated / f'{path.name}.aiida'
+            if not copy.exists():
+                archive_format.migrate(path, copy, archive_format.latest_version, force=True, compression=0)
+            group = import_archive(copy, import_new_extras=False)
         assert group is not None, f'importing {path.name} gave no import group'
-        groups[path.name] = group
+        groups[path.name] = group if isinstance(group, orm.Group) else orm.load_group(group)
     return groups
 
 

@@ -124,7 +124,7 @@ def test_empty_spheres_are_left_out_hydrogen_is_kept():
 
     vacuum_host = orm.StructureData(cell=atoms.cell.tolist())
     vacuum_host.append_atom(position=(0, 0, 0), symbols='Cu')
-    vacuum_host.append_atom(position=(1.8, 0, 0), symbols='H', weights=0.0, name='HX')
+    vacuum_host.append_atom(position=(1.8, 0, 0), symbols='H', weights=0.0, mass=1.0, name='HX')
     assert sorted(impurity_cluster(vacuum_host, {'Rcut': 2.0, 'Zimp': 26}).numbers) == [26]
     # An impurity placed on an empty sphere is a real atom.
     assert sorted(impurity_cluster(vacuum_host, {'Rcut': 2.0, 'Zimp': 30, 'ilayer_center': 1}).numbers) == [29, 29, 30]
