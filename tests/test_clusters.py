@@ -22,7 +22,7 @@ from aiida_mlworkbench.kkr import (
     RcutUnit,
     host_alat,
     impurity_cluster,
-    resolve_impurity_embedding,
+    resolve_impurity_embeddings,
     scoef_alat,
     scoef_of,
 )
@@ -64,9 +64,12 @@ def test_clusters_match_the_scoef_files_jukkr_used():
     writers = cluster_writers()
     assert len(writers) >= 100
 
+    embedding_of = {
+        source.pk: embedding for embedding in resolve_impurity_embeddings(writers) for source in embedding.sources
+    }
     checked = {'Bi2Te3 host': 0, 'two impurities (imp_cls)': 0, 'legacy alat Rcut': 0}
     for calculation in writers:
-        embedding = resolve_impurity_embedding(calculation)
+        embedding = embedding_of[calculation.pk]
         info = embedding.impurity_info.get_dict()
         cluster = impurity_cluster(embedding.host, embedding.impurity_info, embedding.rcut_unit)
         expected = _expected_from_scoef(calculation, embedding.host, info)
@@ -218,8 +221,6 @@ def _aiida_kkr_processes_of(cluster: orm.StructureData) -> set[int]:
 @pytest.mark.usefixtures('kkr_archives')
 def test_query_from_cluster_to_aiida_kkr_calculations():
     """From a stored cluster, a QueryBuilder query walks back to the aiida-kkr calculations that used its nodes."""
-    from aiida_mlworkbench.kkr import resolve_impurity_embeddings
-
     gf_writeouts = [node for node in cluster_writers() if node.process_type == 'aiida.calculations:kkr.kkr']
     embeddings = list(resolve_impurity_embeddings(gf_writeouts[:3]))
     clusters = build_impurity_clusters(embeddings)
