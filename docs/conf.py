@@ -4,7 +4,7 @@ import aiida_mlworkbench
 
 project = 'aiida-mlworkbench'
 author = 'The aiida-mlworkbench developers'
-copyright = '2026, The aiida-mlworkbench developers'  # noqa: A001
+copyright = '2026, The aiida-mlworkbench developers'
 release = aiida_mlworkbench.__version__
 version = release
 

@@ -116,6 +116,9 @@ def make_profile(aiida_profile_factory, aiida_storage_backend, tmp_path_factory)
 def aiida_profile(aiida_config, make_profile):
     """The session's AiiDA profile, on the storage backend chosen with ``--aiida-storage``."""
     with make_profile(aiida_config) as profile:
+        # Starting and stopping daemon workers can take longer than the default 2 s on a busy 2-core machine.
+        aiida_config.set_option('daemon.timeout', 60, scope=profile.name)
+        aiida_config.store()
         yield profile
 
 
