@@ -157,6 +157,11 @@ class TestSyntheticRun:
             assert workchain.is_finished_ok
 
 
+def clusters_of(run: orm.WorkChainNode) -> list[orm.StructureData]:
+    """The clusters of a finished run, in row order."""
+    return [run.outputs.clusters[key] for key in sorted(run.outputs.clusters)]
+
+
 def _provenance_uuids(workchain: orm.WorkChainNode) -> set[str]:
     """UUIDs of the work chain, its called processes, and all their inputs and outputs."""
     uuids = {workchain.uuid}
@@ -219,7 +224,7 @@ class TestExitCodes:
         assert 'Zimp' in node.exit_message
 
     def test_featurization(self, finished):
-        clusters = [finished.outputs.clusters[key] for key in sorted(finished.outputs.clusters)][:6]
+        clusters = clusters_of(finished)[:6]
         builder = ImpurityLearningWorkChain.get_builder_from_clusters(
             clusters, descriptor={**SMALL_SOAP, 'species': ['H']}
         )
@@ -228,7 +233,7 @@ class TestExitCodes:
         assert 'not in the descriptor species list' in node.exit_message
 
     def test_targets(self, finished):
-        clusters = [finished.outputs.clusters[key] for key in sorted(finished.outputs.clusters)][:4]
+        clusters = clusters_of(finished)[:4]
         builder = ImpurityLearningWorkChain.get_builder_from_clusters(
             clusters, descriptor=SMALL_SOAP, target='values', target_values=['a', 1, 'b', 2]
         )
@@ -236,12 +241,12 @@ class TestExitCodes:
         assert node.exit_status == ImpurityLearningWorkChain.exit_codes.ERROR_TARGETS.status
 
     def test_no_host_for_foreign_clusters(self, finished):
-        clusters = [finished.outputs.clusters[key].clone().store() for key in sorted(finished.outputs.clusters)][:4]
+        clusters = [cluster.clone().store() for cluster in clusters_of(finished)[:4]]
         node = self.run(ImpurityLearningWorkChain.get_builder_from_clusters(clusters, descriptor=SMALL_SOAP))
         assert node.exit_status == ImpurityLearningWorkChain.exit_codes.ERROR_NO_HOST.status
 
     def test_split(self, finished):
-        clusters = [finished.outputs.clusters[key] for key in sorted(finished.outputs.clusters)][:4]
+        clusters = clusters_of(finished)[:4]
         builder = ImpurityLearningWorkChain.get_builder_from_clusters(
             clusters, descriptor=SMALL_SOAP, target='values', target_values=['a', 'a', 'a', 'b']
         )
@@ -250,7 +255,7 @@ class TestExitCodes:
         assert 'cannot stratify' in node.exit_message
 
     def test_training(self, finished):
-        clusters = [finished.outputs.clusters[key] for key in sorted(finished.outputs.clusters)][:8]
+        clusters = clusters_of(finished)[:8]
         builder = ImpurityLearningWorkChain.get_builder_from_clusters(
             clusters,
             descriptor=SMALL_SOAP,
@@ -262,7 +267,7 @@ class TestExitCodes:
         assert node.exit_status == ImpurityLearningWorkChain.exit_codes.ERROR_TRAINING.status
 
     def test_scoring(self, finished):
-        clusters = [finished.outputs.clusters[key] for key in sorted(finished.outputs.clusters)][:8]
+        clusters = clusters_of(finished)[:8]
         builder = ImpurityLearningWorkChain.get_builder_from_clusters(
             clusters,
             descriptor=SMALL_SOAP,
