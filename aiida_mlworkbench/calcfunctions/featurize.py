@@ -16,7 +16,7 @@ from aiida import orm
 from aiida.engine import ExitCode, calcfunction
 
 from aiida_mlworkbench.data import SparseFeatureMatrix
-from aiida_mlworkbench.descriptors import DEFAULT_BLOCK_SIZE, get_descriptor
+from aiida_mlworkbench.descriptors import DEFAULT_BLOCK_SIZE, StructureNotDescribableError, get_descriptor
 
 __all__ = (
     'EXIT_CODES',
@@ -84,8 +84,12 @@ def featurize(descriptor: orm.Dict, **structures: orm.StructureData) -> SparseFe
     atoms = [structures[label].get_ase() for label in labels]
     try:
         featurizer.fit(atoms)
+    except StructureNotDescribableError as exception:
+        node = structures[labels[exception.index]]
+        detail = f'{exception} (input `{labels[exception.index]}`, {node.get_formula()} <{node.uuid}>)'
+        return EXIT_CODES['species_outside_list'].format(detail=detail)
     except ValueError as exception:
-        return EXIT_CODES['species_outside_list'].format(detail=_name_structure(exception, labels, structures))
+        return EXIT_CODES['species_outside_list'].format(detail=str(exception))
 
     return SparseFeatureMatrix.from_blocks(
         featurizer.iter_blocks(atoms, block_size=DEFAULT_BLOCK_SIZE),
@@ -93,18 +97,6 @@ def featurize(descriptor: orm.Dict, **structures: orm.StructureData) -> SparseFe
         descriptor=featurizer.parameters,
         dtype=getattr(featurizer, 'dtype', 'float64'),
     )
-
-
-def _name_structure(exception: Exception, labels: Sequence[str], structures: t.Mapping[str, t.Any]) -> str:
-    """Add the input label and node to a descriptor error that names a structure by its index."""
-    import re
-
-    message = str(exception)
-    match = re.search(r'structure (\d+)', message)
-    if match and int(match.group(1)) < len(labels):
-        label = labels[int(match.group(1))]
-        message += f' (input `{label}`, {structures[label].get_formula()} <{structures[label].uuid}>)'
-    return message
 
 
 def featurize_structures(

@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 #: at n_max = l_max = 9 (about 440k non-zeros) touches about seven chunks.
 ELEMENT_CHUNK = 2**16
 INDPTR_CHUNK = 2**14
-#: Rows per slab when copying or hashing, which bounds memory while streaming.
+#: Elements per slab when copying or hashing a dataset, which bounds memory while streaming (32 MB of doubles).
 COPY_SLAB = 2**22
 
 SparseInput = t.Any  # scipy.sparse matrix or array, or a pydata sparse array

@@ -246,6 +246,18 @@ class TrainedModel(Data):
             )
         return restricted_loads(content, trusted=trusted, source=f'TrainedModel<{self.pk}>')
 
+    def _estimator_for_prediction(self, trusted: tuple[str, ...]) -> t.Any:
+        """The estimator that :meth:`predict` uses: of a stored (immutable) node, loaded and checked once.
+
+        :meth:`load` always returns a fresh object, since callers may modify it; predictions never do.
+        """
+        if not self.is_stored:
+            return self.load(trusted=trusted)
+        cache = self.__dict__.setdefault('_prediction_estimators', {})
+        if trusted not in cache:
+            cache[trusted] = self.load(trusted=trusted)
+        return cache[trusted]
+
     def check_features(self, features: SparseFeatureMatrix | t.Any) -> None:
         """Raise :class:`IncompatibleFeaturesError` if ``features`` are not of the kind this model was trained on."""
         from aiida_mlworkbench.data.sparse_features import SparseFeatureMatrix
@@ -283,7 +295,7 @@ class TrainedModel(Data):
         from aiida_mlworkbench.data.sparse_features import SparseFeatureMatrix
 
         self.check_features(features)
-        estimator = self.load(trusted=trusted)
+        estimator = self._estimator_for_prediction(tuple(trusted))
         if not isinstance(features, SparseFeatureMatrix):
             return estimator.predict(features if rows is None else features[rows])
         if rows is not None:

@@ -11,6 +11,7 @@ Callers go through the registry, so that a new descriptor needs no change to the
 from .base import (
     DEFAULT_BLOCK_SIZE,
     Descriptor,
+    StructureNotDescribableError,
     get_descriptor,
     get_descriptor_class,
     register_descriptor,
@@ -22,6 +23,7 @@ __all__ = (
     'DEFAULT_BLOCK_SIZE',
     'Descriptor',
     'SpeciesAwareSOAP',
+    'StructureNotDescribableError',
     'get_descriptor',
     'get_descriptor_class',
     'register_descriptor',

@@ -21,6 +21,7 @@ if t.TYPE_CHECKING:
 __all__ = (
     'DEFAULT_BLOCK_SIZE',
     'Descriptor',
+    'StructureNotDescribableError',
     'get_descriptor',
     'get_descriptor_class',
     'register_descriptor',
@@ -33,6 +34,17 @@ DEFAULT_BLOCK_SIZE = 256
 DescriptorType = t.TypeVar('DescriptorType', bound='Descriptor')
 
 _REGISTRY: dict[str, type[Descriptor]] = {}
+
+
+class StructureNotDescribableError(ValueError):
+    """A structure cannot be described (for example it holds a species outside the species list).
+
+    ``index`` is the position of the structure in the input, so that callers can name it in their own terms.
+    """
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
 
 
 class Descriptor(abc.ABC):

@@ -29,7 +29,7 @@ import scipy.sparse
 from ase.data import atomic_numbers, chemical_symbols
 from dscribe.descriptors import SOAP
 
-from .base import DEFAULT_BLOCK_SIZE, Descriptor, register_descriptor
+from .base import DEFAULT_BLOCK_SIZE, Descriptor, StructureNotDescribableError, register_descriptor
 
 if t.TYPE_CHECKING:
     import ase
@@ -312,12 +312,13 @@ class SpeciesAwareSOAP(Descriptor):
         missing = [number for number in numbers if number not in allowed]
         if missing:
             symbols = ', '.join(chemical_symbols[number] for number in missing)
-            raise ValueError(
+            raise StructureNotDescribableError(
                 f'structure {index} ({structure.get_chemical_formula()}) contains species not in the descriptor '
-                f'species list: {symbols}'
+                f'species list: {symbols}',
+                index,
             )
         if not numbers:
-            raise ValueError(f'structure {index} has no atoms')
+            raise StructureNotDescribableError(f'structure {index} has no atoms', index)
         return numbers
 
     def _set_species(self, species: Sequence[str | int]) -> None:
