@@ -7,14 +7,21 @@ An estimator is recorded in the provenance graph as a ``Dict`` such as::
         'parameters': {'kernel': 'linear'},                    # its constructor parameters
         'scaler': {'name': 'StandardScaler', 'parameters': {'with_mean': False}},   # optional, or None
         'kernel': {'name': 'soap', 'xi': 2},                   # optional: the normalised SOAP kernel
+        'training': {'mode': 'incremental', 'epochs': 5},      # optional: out-of-core training, see below
     }
 
 Only names from an allow-list are accepted, so a specification cannot instantiate arbitrary code, and every parameter is
 checked against scikit-learn's own constraints before anything is fitted.
+
+The optional ``training`` key chooses how the estimator is fitted (:class:`TrainingOptions`): ``'in_memory'`` (the
+default) reads all train rows and calls ``fit``; ``'incremental'`` streams them from the HDF5 file in blocks through
+``partial_fit``, so memory does not grow with the number of rows. Only the estimators of
+``INCREMENTAL_ESTIMATORS`` can learn incrementally.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import typing as t
 from collections.abc import Mapping
@@ -24,10 +31,13 @@ import scipy.sparse
 
 __all__ = (
     'ESTIMATORS',
+    'INCREMENTAL_ESTIMATORS',
     'SCALERS',
     'EstimatorSpecificationError',
     'NormalizedSoapKernel',
+    'TrainingOptions',
     'build_estimator',
+    'training_options',
     'validate_estimator_specification',
 )
 
@@ -68,7 +78,24 @@ SCALERS: dict[str, str] = {
 #: Estimators that accept a callable kernel.
 KERNEL_ESTIMATORS = ('SVC', 'SVR', 'NuSVC', 'KernelRidge')
 
-KNOWN_KEYS = {'estimator', 'parameters', 'scaler', 'kernel'}
+#: Estimators that can learn block by block with ``partial_fit``, with their default number of epochs (passes over
+#: the train rows). The naive Bayes classifiers count: one pass is their exact ``fit``, a second would count twice.
+INCREMENTAL_ESTIMATORS: dict[str, int] = {
+    'SGDClassifier': 5,
+    'SGDRegressor': 5,
+    'PassiveAggressiveClassifier': 5,
+    'PassiveAggressiveRegressor': 5,
+    'Perceptron': 5,
+    'MiniBatchKMeans': 5,
+    'MultinomialNB': 1,
+    'BernoulliNB': 1,
+}
+SINGLE_PASS_ESTIMATORS = ('MultinomialNB', 'BernoulliNB')
+
+TRAINING_MODES = ('in_memory', 'incremental')
+DEFAULT_BLOCK_SIZE = 256
+
+KNOWN_KEYS = {'estimator', 'parameters', 'scaler', 'kernel', 'training'}
 
 
 class EstimatorSpecificationError(ValueError):
@@ -102,6 +129,96 @@ class NormalizedSoapKernel:
 
     def __hash__(self) -> int:
         return hash(('NormalizedSoapKernel', self.xi))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions:
+    """How an estimator is fitted: the ``training`` key of the specification, validated, with defaults filled in.
+
+    ``mode='in_memory'``: the train rows are read at once and ``fit`` is called (any estimator).
+    ``mode='incremental'``: ``epochs`` passes over the train rows, read in blocks of at most ``block_size``
+    consecutive rows of the feature file, each block given to ``partial_fit``; the scaler is fitted the same way
+    first. ``shuffle_seed`` seeds the order of the blocks and of the rows within each block in every epoch; with
+    ``None`` they come in file order.
+    """
+
+    mode: str = 'in_memory'
+    epochs: int = 1
+    block_size: int = DEFAULT_BLOCK_SIZE
+    shuffle_seed: int | None = 0
+
+    @property
+    def incremental(self) -> bool:
+        return self.mode == 'incremental'
+
+    def as_dict(self) -> dict[str, t.Any]:
+        """The options as stored in the ``training`` attribute of a ``TrainedModel``."""
+        if not self.incremental:
+            return {'mode': self.mode}
+        return dataclasses.asdict(self)
+
+
+def _positive_integer(options: Mapping[str, t.Any], key: str, default: int) -> int:
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise EstimatorSpecificationError(f'training {key} must be a positive integer, got {value!r}')
+    return int(value)
+
+
+def training_options(specification: Mapping[str, t.Any]) -> TrainingOptions:
+    """Return the validated :class:`TrainingOptions` of a specification (its ``training`` key).
+
+    :raises EstimatorSpecificationError: naming what is wrong, for example incremental training of an estimator that
+        has no ``partial_fit``.
+    """
+    options = specification.get('training')
+    if options is None:
+        return TrainingOptions()
+    if not isinstance(options, Mapping):
+        raise EstimatorSpecificationError(
+            f"training must be a dictionary such as {{'mode': 'incremental', 'epochs': 5}}, got {options!r}"
+        )
+    mode = options.get('mode', 'in_memory')
+    if mode not in TRAINING_MODES:
+        raise EstimatorSpecificationError(f'unknown training mode {mode!r}: choose one of {", ".join(TRAINING_MODES)}')
+    if mode == 'in_memory':
+        if set(options) - {'mode'}:
+            extra = ', '.join(map(repr, sorted(set(options) - {'mode'})))
+            raise EstimatorSpecificationError(f"training key(s) {extra} apply only to mode 'incremental'")
+        return TrainingOptions()
+
+    unknown = sorted(set(options) - {'mode', 'epochs', 'block_size', 'shuffle_seed'})
+    if unknown:
+        raise EstimatorSpecificationError(
+            f'unknown training key(s) {", ".join(map(repr, unknown))}; known: block_size, epochs, mode, shuffle_seed'
+        )
+    name = specification.get('estimator')
+    if name not in INCREMENTAL_ESTIMATORS:
+        raise EstimatorSpecificationError(
+            f'{name} cannot be trained incrementally (it has no partial_fit): use training mode in_memory, or one of '
+            f'{", ".join(INCREMENTAL_ESTIMATORS)}'
+        )
+    epochs = _positive_integer(options, 'epochs', INCREMENTAL_ESTIMATORS[name])
+    if name in SINGLE_PASS_ESTIMATORS and epochs != 1:
+        raise EstimatorSpecificationError(
+            f'{name} learns by counting, so one pass over the data is its complete fit: use epochs 1, not {epochs}'
+        )
+    block_size = _positive_integer(options, 'block_size', DEFAULT_BLOCK_SIZE)
+    seed = options.get('shuffle_seed', 0)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise EstimatorSpecificationError(f'training shuffle_seed must be a non-negative integer or None, got {seed!r}')
+
+    parameters = specification.get('parameters') or {}
+    if parameters.get('early_stopping'):
+        raise EstimatorSpecificationError(
+            f'early_stopping needs the whole train set at once (fit): set it to False to train {name} incrementally'
+        )
+    if parameters.get('class_weight') == 'balanced':
+        raise EstimatorSpecificationError(
+            "class_weight 'balanced' needs the whole train set at once (fit): give explicit class weights to train "
+            f'{name} incrementally'
+        )
+    return TrainingOptions('incremental', epochs, block_size, None if seed is None else int(seed))
 
 
 def _import(path: str) -> type:
@@ -175,6 +292,7 @@ def build_estimator(specification: Mapping[str, t.Any]) -> t.Any:
             raise EstimatorSpecificationError(f'the SOAP kernel exponent xi must be a positive number, got {xi!r}')
         parameters['kernel'] = NormalizedSoapKernel(xi)
     estimator = _check_parameters(_import(ESTIMATORS[name]), parameters, name)
+    training_options(specification)
 
     scaler = _scaler_specification(specification.get('scaler'))
     if scaler is None:

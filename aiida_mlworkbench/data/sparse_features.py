@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse
 from aiida.orm import Data
 
-__all__ = ('CorruptedFeatureMatrixError', 'SparseFeatureMatrix')
+__all__ = ('CorruptedFeatureMatrixError', 'SparseFeatureMatrix', 'plan_row_blocks')
 
 SUPPORTED_DTYPES = ('float32', 'float64')
 INDPTR_DTYPE = np.dtype('int64')
@@ -127,6 +127,28 @@ def _csr_from_arrays(
     if indices.dtype == np.int32 and (indptr.size == 0 or indptr[-1] <= np.iinfo(np.int32).max):
         indptr = indptr.astype(np.int32)
     return scipy.sparse.csr_array((data, indices, indptr), shape=shape, copy=False)
+
+
+def plan_row_blocks(rows: np.ndarray, block_size: int) -> list[tuple[int, int, np.ndarray]]:
+    """Group row indices into blocks that each lie within ``block_size`` consecutive rows of the file.
+
+    Returns ``(start, stop, positions)`` per block, in file order: ``rows[positions]`` are the block's rows, sorted,
+    all in ``start:stop``. Reading ``start:stop`` reads contiguous HDF5 chunks, and never more than ``block_size``
+    rows; spans without a requested row are not read at all.
+    """
+    if block_size < 1:
+        raise ValueError(f'block_size must be positive, got {block_size}')
+    rows = np.asarray(rows)
+    order = np.argsort(rows, kind='stable')
+    ordered = rows[order]
+    blocks = []
+    first = 0
+    while first < ordered.size:
+        start = int(ordered[first])
+        last = int(np.searchsorted(ordered, start + block_size, side='left'))
+        blocks.append((start, int(ordered[last - 1]) + 1, order[first:last]))
+        first = last
+    return blocks
 
 
 class _ContentHasher:
@@ -491,6 +513,41 @@ class SparseFeatureMatrix(Data):
         with self._open() as handle:
             for start in range(0, self.n_rows, block_size):
                 yield self._read_row_range(handle, start, min(start + block_size, self.n_rows))
+
+    def iter_row_blocks(
+        self,
+        rows: slice | Iterable[int] | np.ndarray,
+        block_size: int = 1024,
+        *,
+        rng: np.random.Generator | None = None,
+    ) -> Iterator[tuple[np.ndarray, scipy.sparse.csr_array]]:
+        """Iterate over the given rows in blocks, reading at most ``block_size`` consecutive rows of the file at once.
+
+        Yields ``(positions, block)``: ``block`` holds the rows ``rows[positions]``, in that order. Memory is bounded
+        by one block, whatever the number of rows. Blocks come in file order, or, with ``rng``, in a random order and
+        with their rows shuffled (for stochastic training).
+        """
+        n_rows = self.n_rows
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(n_rows))
+        index = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows)
+        if index.size == 0:
+            return
+        if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
+            raise ValueError('rows must be a slice or a one-dimensional sequence of integer row indices')
+        index = np.where(index < 0, index + n_rows, index)
+        if index.min() < 0 or index.max() >= n_rows:
+            raise IndexError(f'row index out of range for a matrix with {n_rows} rows')
+        plan = plan_row_blocks(index, block_size)
+        for number in range(len(plan)) if rng is None else rng.permutation(len(plan)):
+            start, stop, positions = plan[number]
+            if rng is not None:
+                positions = positions[rng.permutation(positions.size)]
+            block = self.get_rows(slice(start, stop))
+            selected = index[positions] - start
+            if not np.array_equal(selected, np.arange(stop - start)):
+                block = block[selected]
+            yield positions, block
 
     def verify(self) -> None:
         """Stream through the whole file in slabs and check it against the stored checksum.

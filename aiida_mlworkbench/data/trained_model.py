@@ -26,6 +26,8 @@ if t.TYPE_CHECKING:
 __all__ = ('CorruptedModelError', 'IncompatibleFeaturesError', 'ModelVersionWarning', 'TrainedModel')
 
 PICKLE_PROTOCOL = 5
+#: Rows of a stored feature matrix that :meth:`TrainedModel.predict` reads at once by default.
+PREDICT_BLOCK_SIZE = 4096
 
 
 class CorruptedModelError(Exception):
@@ -285,19 +287,35 @@ class TrainedModel(Data):
         features: SparseFeatureMatrix | t.Any,
         *,
         rows: slice | Iterable[int] | None = None,
-        block_size: int = 4096,
+        block_size: int | None = None,
         trusted: Iterable[str] = (),
     ) -> np.ndarray:
         """Predict for a :class:`SparseFeatureMatrix` (all rows, or ``rows``) or a scipy sparse matrix.
 
-        A stored matrix is read block by block, so memory stays bounded by ``block_size`` rows.
+        A stored matrix is read block by block, also for ``rows``, so memory stays bounded by ``block_size`` rows
+        of the file whatever the number of rows predicted.
+
+        :param block_size: rows read at once; by default ``PREDICT_BLOCK_SIZE``.
         """
         from aiida_mlworkbench.data.sparse_features import SparseFeatureMatrix
+
+        block_size = block_size or PREDICT_BLOCK_SIZE
 
         self.check_features(features)
         estimator = self._estimator_for_prediction(tuple(trusted))
         if not isinstance(features, SparseFeatureMatrix):
             return estimator.predict(features if rows is None else features[rows])
-        if rows is not None:
+        if rows is None:
+            return np.concatenate([estimator.predict(block) for block in features.iter_blocks(block_size)])
+        predicted = [
+            (positions, estimator.predict(block)) for positions, block in features.iter_row_blocks(rows, block_size)
+        ]
+        if not predicted:  # no rows: let the estimator say what it makes of that
             return estimator.predict(features.get_rows(rows))
-        return np.concatenate([estimator.predict(block) for block in features.iter_blocks(block_size)])
+        result = np.empty(
+            sum(positions.size for positions, _ in predicted),
+            dtype=np.result_type(*(values for _, values in predicted)),
+        )
+        for positions, values in predicted:
+            result[positions] = values
+        return result
