@@ -20,12 +20,10 @@ profile (``core.sqlite_dos``) lives in a temporary folder with its own ``AIIDA_P
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
@@ -37,6 +35,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
+try:  # imported as benchmarks.sparse_matrix_io
+    from ._common import MB, create_profile, header, row_block
+except ImportError:  # run as a script
+    from _common import MB, create_profile, header, row_block
+
 BLOCK_ROWS = 256
 GENERATOR_BLOCK_ROWS = 500
 FULL_READ_REPEATS = 3
@@ -46,7 +49,7 @@ SCAN_REPEATS = 3
 RSS_LIMIT = 2**30
 BLOCK_RATIO_LIMIT = 2.0
 PLAIN_FILENAME = 'plain.h5'
-MB = 2**20
+PROFILE_NAME = 'sparse-matrix-io-benchmark'
 
 
 class ContentDigest:
@@ -71,28 +74,6 @@ class ContentDigest:
         for part in self._parts.values():
             total.update(part.digest())
         return total.hexdigest()
-
-
-def row_block(first: int, stop: int, n_features: int, nnz_per_row: int, seed: int):
-    """Rows ``first:stop`` of the benchmark matrix as a ``csr_array``; each row has its own RNG stream.
-
-    A row holds a uniform random count of non-zeros within 10 % of ``nnz_per_row``, at distinct sorted random columns,
-    with values in (0, 1].
-    """
-    import scipy.sparse
-
-    counts, columns, values = [], [], []
-    spread = nnz_per_row // 10
-    for row in range(first, stop):
-        rng = np.random.default_rng([seed, row])
-        count = int(min(n_features, rng.integers(nnz_per_row - spread, nnz_per_row + spread + 1)))
-        columns.append(np.sort(rng.choice(n_features, size=count, replace=False)).astype(np.int32))
-        values.append(1.0 - rng.random(count))
-        counts.append(count)
-    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return scipy.sparse.csr_array(
-        (np.concatenate(values), np.concatenate(columns), indptr), shape=(stop - first, n_features)
-    )
 
 
 class TimedBlocks:
@@ -347,33 +328,6 @@ def run_child_phase(args: argparse.Namespace) -> int:
 # Parent: profile, children, table -------------------------------------------------------------------------------
 
 
-def create_profile(directory: pathlib.Path) -> str:
-    """Create a ``core.sqlite_dos`` profile in a fresh config under ``directory`` (``AIIDA_PATH`` points there)."""
-    import warnings
-
-    os.environ['AIIDA_PATH'] = str(directory)
-    warnings.filterwarnings('ignore', message='Creating AiiDA configuration folder')
-    from aiida.manage.configuration import create_profile as aiida_create_profile
-    from aiida.manage.configuration import get_config
-    from aiida.manage.configuration.settings import AiiDAConfigDir
-
-    AiiDAConfigDir.set(directory / '.aiida')
-    config = get_config(create=True)
-    name = 'sparse-matrix-io-benchmark'
-    profile = aiida_create_profile(
-        config,
-        storage_backend='core.sqlite_dos',
-        storage_config={'filepath': str(directory / 'storage')},
-        name=name,
-        email='benchmark@localhost',
-        is_test_profile=True,
-    )
-    profile.set_option('warnings.development_version', False)
-    config.set_default_profile(name)
-    config.store()
-    return name
-
-
 def run_phase(phase: str, args: argparse.Namespace, workdir: pathlib.Path, **extra: t.Any) -> dict[str, t.Any]:
     command = [sys.executable, __file__, '--rows', str(args.rows), '--features', str(args.features)]
     command += ['--nnz-per-row', str(args.nnz_per_row), '--seed', str(args.seed)]
@@ -385,26 +339,6 @@ def run_phase(phase: str, args: argparse.Namespace, workdir: pathlib.Path, **ext
         sys.stderr.write(completed.stdout + completed.stderr)
         raise RuntimeError(f'phase {phase} failed with exit code {completed.returncode}')
     return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def header() -> str:
-    """Date, machine and library versions."""
-    from importlib.metadata import version
-
-    import h5py
-    import psutil
-
-    cpu = platform.processor() or 'unknown CPU'
-    with open('/proc/cpuinfo', encoding='utf-8') as cpuinfo:
-        cpu = next((line.split(':', 1)[1].strip() for line in cpuinfo if line.startswith('model name')), cpu)
-    packages = ['aiida-core', 'aiida-mlworkbench', 'disk-objectstore', 'numpy', 'scipy', 'h5py']
-    versions = ', '.join(f'{name} {version(name)}' for name in packages)
-    load = ' '.join(f'{x:.1f}' for x in os.getloadavg())
-    return (
-        f'{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z} | {cpu}, {os.cpu_count()} cores, load {load}, '
-        f'{psutil.virtual_memory().total / 2**30:.1f} GiB RAM | Python {platform.python_version()}, {versions}, '
-        f'HDF5 {h5py.version.hdf5_version}'
-    )
 
 
 def print_report(args: argparse.Namespace, plain: dict[str, t.Any], package: dict[str, t.Any]) -> bool:
@@ -474,7 +408,7 @@ def main() -> int:
     home_mtime = home_config.stat().st_mtime if home_config.exists() else None
     with tempfile.TemporaryDirectory(prefix='mlworkbench-benchmark-') as tmp:
         directory = pathlib.Path(tmp)
-        profile = create_profile(directory)
+        profile = create_profile(directory, PROFILE_NAME)
         plain = run_phase('plain-write', args, directory)
         package = run_phase('package-write', args, directory, profile=profile)
         plain_read = run_phase('plain-read', args, directory)

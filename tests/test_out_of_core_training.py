@@ -237,7 +237,7 @@ class TestSpecification:
         assert training_options({'estimator': 'SGDClassifier', 'training': {'mode': 'incremental'}}).as_dict() == {
             'mode': 'incremental',
             'epochs': 5,
-            'block_size': 256,
+            'block_size': 1024,
             'shuffle_seed': 0,
         }
         assert training_options({'estimator': 'BernoulliNB', 'training': {'mode': 'incremental'}}).epochs == 1
