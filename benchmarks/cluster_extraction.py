@@ -65,15 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         n_hosts = len({host.uuid for host, _ in pairs})
 
         batch_size = args.batch_size or DEFAULT_BATCH_SIZE
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         clusters = build_impurity_clusters(pairs, batch_size=batch_size)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
         n_atoms = sum(len(cluster.sites) for cluster in clusters)
         print(f'embeddings:          {len(pairs)} ({n_hosts} hosts; database created in {setup:.1f} s)')
         print(f'batch size:          {batch_size}')
         print(f'clusters built:      {len(clusters)} ({n_atoms / len(clusters):.1f} atoms on average), all stored')
-        print(f'wall time:           {wall:.1f} s')
+        print(f'wall time:           {wall:.1f} s (CPU time {cpu:.1f} s; load average {os.getloadavg()[0]:.2f})')
         print(f'clusters per second: {len(clusters) / wall:.0f}')
         print(f'peak RSS:            {_peak_rss_mib():.0f} MiB')
     return 0

@@ -17,6 +17,7 @@ from aiida_mlworkbench.calcfunctions.clusters import (
     EXTRA_ZIMP,
     build_impurity_clusters,
     impurity_cluster_structure,
+    structure_from_atoms,
 )
 from aiida_mlworkbench.kkr import (
     RcutUnit,
@@ -236,3 +237,28 @@ def test_query_from_cluster_to_aiida_kkr_calculations():
         assert {source.pk for source in embedding.sources} <= found
         assert found == users
     assert _aiida_kkr_processes_of(other) == set()
+
+
+@pytest.mark.usefixtures('aiida_profile_clean')
+def test_structure_from_atoms_equals_set_ase():
+    """The linear-time constructor gives ``StructureData(ase=...)``'s kinds and sites, stored and read back alike.
+
+    Covers an impurity of the host's own element (kind ``Cu1`` beside ``Cu``), two impurities and a vacancy-free host.
+    """
+    host = _cu_host()
+    neighbour = impurity_cluster(host, {'Rcut': 3.0, 'Zimp': 29}).positions[1] / host_alat(host)
+    infos = [
+        {'Rcut': 3.0, 'Zimp': 29, 'ilayer_center': 0},
+        {'Rcut': 4.0, 'Zimp': 26, 'ilayer_center': 0},
+        {'Rcut': 3.0, 'Zimp': [26, 27], 'Rimp_rel': [[0, 0, 0], neighbour.tolist()], 'ilayer_center': 0},
+    ]
+    for info in infos:
+        atoms = impurity_cluster(host, info)
+        fast, reference = structure_from_atoms(atoms), orm.StructureData(ase=atoms)
+        assert fast.base.attributes.all == reference.base.attributes.all, info
+        fast.store()
+        reference.store()
+        loaded_fast, loaded_reference = orm.load_node(fast.pk), orm.load_node(reference.pk)
+        assert loaded_fast.base.attributes.all == loaded_reference.base.attributes.all
+        assert loaded_fast.get_ase() == loaded_reference.get_ase()
+        assert loaded_fast.base.caching.get_hash() == loaded_reference.base.caching.get_hash()

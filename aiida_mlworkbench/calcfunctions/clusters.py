@@ -17,9 +17,10 @@ import typing as t
 
 import ase
 from aiida import orm
-from aiida.engine import ExitCode, calcfunction
+from aiida.engine import ExitCode
 from aiida.manage import get_manager
 
+from aiida_mlworkbench.bulk_links import calcfunction
 from aiida_mlworkbench.kkr.geometry import RcutUnit, impurity_cluster
 
 if t.TYPE_CHECKING:
@@ -37,14 +38,14 @@ __all__ = (
     'cluster_structure',
     'impurity_cluster_structure',
     'impurity_cluster_structures',
+    'structure_from_atoms',
 )
 
-DEFAULT_BATCH_SIZE = 100
+DEFAULT_BATCH_SIZE = 1000
 """Pairs per :func:`impurity_cluster_structures` process.
 
-AiiDA validates each new input or output link of a process against those already added, so the cost per link grows
-with the batch: 1000 clusters took 304 s in one batch, 120 s in batches of 250, 63 s in batches of 100 and 82 s in
-batches of 25 (where the process overhead shows) on the 2-core development machine.
+The calcfunctions link their inputs and outputs with :mod:`aiida_mlworkbench.bulk_links`, so the time per cluster no
+longer grows with the batch; batches only bound the memory of the unstored clusters of one process.
 """
 
 EXTRA_ZIMP = 'mlworkbench_zimp'
@@ -60,8 +61,67 @@ ERROR_INVALID_EMBEDDING = 300
 Pair = tuple[orm.StructureData, orm.Dict]
 
 
+def structure_from_atoms(atoms: ase.Atoms) -> orm.StructureData:
+    """Return ``StructureData(ase=atoms)`` built in time linear in the number of atoms.
+
+    ``StructureData.set_ase`` appends atom by atom, re-validating the whole list of sites and kinds each time (about
+    7 ms for a cluster of 18 atoms). This builds the same ``Kind`` and ``Site`` objects in one pass and sets them at
+    once: one kind per (symbol, tag), named as ``set_ase`` names it (tests compare both ways attribute by attribute).
+    """
+    kinds: dict[tuple[str, int], orm.Kind] = {}
+    sites = []
+    for atom in atoms:
+        kind = kinds.get((atom.symbol, atom.tag))
+        if kind is None:
+            kind = kinds[(atom.symbol, atom.tag)] = orm.Kind(ase=atom)
+        sites.append(orm.Site(kind_name=kind.name, position=atom.position).get_raw())
+    structure = orm.StructureData(cell=atoms.cell.array, pbc=atoms.pbc)
+    structure.base.attributes.set_many({'kinds': [kind.get_raw() for kind in kinds.values()], 'sites': sites})
+    return structure
+
+
+class _HostSnapshots:
+    """Unstored copies of the hosts of a batch, one per host node.
+
+    Reading the sites of a stored ``StructureData`` goes to the database each time; hosts are shared by hundreds of
+    embeddings, so the geometry code reads each host once, from its copy.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[str, orm.StructureData] = {}
+
+    def __call__(self, host: orm.StructureData) -> orm.StructureData:
+        if not host.is_stored:
+            return host
+        copy = self._copies.get(host.uuid)
+        if copy is None:
+            copy = self._copies[host.uuid] = host.clone()
+        return copy
+
+
+def _impurity_info_contents(nodes: collections.abc.Iterable[orm.Dict]) -> dict[str, dict[str, t.Any]]:
+    """Return the contents of many ``impurity_info`` nodes by UUID, with one query per thousand stored nodes.
+
+    ``Dict.get_dict()`` on a stored node loads its attributes with a query of its own (about 2 ms each on SQLite).
+    """
+    nodes = list(nodes)
+    contents = {node.uuid: node.get_dict() for node in nodes if not node.is_stored}
+    pks = sorted({node.pk for node in nodes if node.is_stored})
+    for start in range(0, len(pks), 1000):
+        query = orm.QueryBuilder().append(
+            orm.Dict, filters={'id': {'in': pks[start : start + 1000]}}, project=['uuid', 'attributes']
+        )
+        contents.update(query.all())
+    return contents
+
+
 def cluster_structure(
-    host: orm.StructureData, impurity_info: orm.Dict, rcut_unit: RcutUnit | str = RcutUnit.ANGSTROM
+    host: orm.StructureData,
+    impurity_info: orm.Dict,
+    rcut_unit: RcutUnit | str = RcutUnit.ANGSTROM,
+    *,
+    snapshots: _HostSnapshots | None = None,
+    impurity_info_content: collections.abc.Mapping[str, t.Any] | None = None,
 ) -> orm.StructureData:
     """Return the impurity cluster as an unstored, non-periodic ``StructureData`` with queryable extras.
 
@@ -70,12 +130,14 @@ def cluster_structure(
 
     :raises ValueError: if the pair is no valid embedding (see :func:`~aiida_mlworkbench.kkr.impurity_cluster`).
     """
-    atoms: ase.Atoms = impurity_cluster(host, impurity_info, rcut_unit)
-    structure = orm.StructureData(ase=atoms)
+    working_host = snapshots(host) if snapshots is not None else host
+    content = impurity_info.get_dict() if impurity_info_content is None else impurity_info_content
+    atoms: ase.Atoms = impurity_cluster(working_host, content, rcut_unit)
+    structure = structure_from_atoms(atoms)
     structure.base.extras.set_many(
         {
             EXTRA_ZIMP: [int(z) for z in atoms.numbers[atoms.get_tags() == 1]],
-            EXTRA_HOST_FORMULA: host.get_formula(),
+            EXTRA_HOST_FORMULA: working_host.get_formula(),
             EXTRA_N_ATOMS: len(atoms),
             EXTRA_HOST_UUID: host.uuid,
             EXTRA_IMPURITY_INFO_UUID: impurity_info.uuid,
@@ -122,9 +184,18 @@ def impurity_cluster_structures(
             f'got {sorted(namespaces)} with keys differing: {sorted(set(hosts) ^ set(impurity_infos))}.',
         )
     clusters = {}
+    snapshots = _HostSnapshots()
+    contents = _impurity_info_contents(impurity_infos.values())
     for key, host in hosts.items():
+        info = impurity_infos[key]
         try:
-            clusters[key] = cluster_structure(host, impurity_infos[key], _rcut_unit(rcut_units.get(key)))
+            clusters[key] = cluster_structure(
+                host,
+                info,
+                _rcut_unit(rcut_units.get(key)),
+                snapshots=snapshots,
+                impurity_info_content=contents[info.uuid],
+            )
         except ValueError as exception:
             return ExitCode(ERROR_INVALID_EMBEDDING, f'invalid impurity embedding {key}: {exception}')
     return {'clusters': clusters}
@@ -162,9 +233,11 @@ def build_impurity_clusters(
     if batch_size < 1:
         raise ValueError(f'batch_size must be at least 1, got {batch_size}.')
     pairs = _as_pairs(embeddings)
+    snapshots = _HostSnapshots()
+    contents = _impurity_info_contents(info for _, info, _ in pairs)
     for index, (host, impurity_info, rcut_unit) in enumerate(pairs):
         try:
-            impurity_cluster(host, impurity_info, rcut_unit)
+            impurity_cluster(snapshots(host), contents[impurity_info.uuid], rcut_unit)
         except ValueError as exception:
             raise ValueError(
                 f'embedding {index} (host {host.get_formula()} {host.uuid}, impurity_info {impurity_info.uuid}): '

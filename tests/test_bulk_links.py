@@ -1,0 +1,116 @@
+"""Bulk provenance links give exactly the graph aiida-core's own linking gives, and refuse what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+from aiida import engine, orm
+from aiida.common.links import LinkType
+
+from aiida_mlworkbench import bulk_links
+
+
+def _echo(**namespaces):
+    """Return a new Int for every input Int, under the same namespace and key (``n.<key>`` -> ``doubled.<key>``)."""
+    return {'doubled': {key: orm.Int(node.value * 2) for key, node in namespaces.get('n', {}).items()}}
+
+
+plain_echo = engine.calcfunction(_echo)
+bulk_echo = bulk_links.calcfunction(_echo)
+
+
+class PlainReturn(engine.WorkChain):
+    """Takes a namespace of nodes and returns each of them: INPUT_WORK and RETURN links, aiida-core's way."""
+
+    @classmethod
+    def define(cls, spec):
+        super().define(spec)
+        spec.input_namespace('nodes', valid_type=orm.Data, dynamic=True)
+        spec.input('extra', valid_type=orm.Str, required=False)
+        spec.output_namespace('nodes', valid_type=orm.Data, dynamic=True)
+        spec.outline(cls.run_echo, cls.give_back)
+
+    def run_echo(self):
+        # A calcfunction in between: a returned node must have been created by a calculation of the workflow.
+        self.ctx.outputs = plain_echo(n=dict(self.inputs.nodes))['doubled']
+
+    def give_back(self):
+        self.out('nodes', dict(self.ctx.outputs))
+
+
+class BulkReturn(bulk_links.BulkLinks, PlainReturn):
+    """The same work chain with bulk links."""
+
+
+def _links(node: orm.ProcessNode) -> tuple[set, set]:
+    incoming = {(link.link_label, link.link_type, link.node.uuid) for link in node.base.links.get_incoming().all()}
+    outgoing = {
+        (link.link_label, link.link_type, link.node.base.attributes.get('value', None))
+        for link in node.base.links.get_outgoing(link_type=(LinkType.CREATE, LinkType.RETURN)).all()
+    }
+    return incoming, outgoing
+
+
+@pytest.mark.usefixtures('aiida_profile_clean')
+def test_calcfunction_links_equal_aiida_core_links():
+    """Same input triples (label, type, source), same output labels and values, both nodes finished and sealed."""
+    inputs = {f'k{index:03d}': orm.Int(index).store() for index in range(40)}
+    plain_outputs, plain = plain_echo.run_get_node(n=inputs)
+    bulk_outputs, bulk = bulk_echo.run_get_node(n=inputs)
+
+    assert plain.is_finished_ok
+    assert bulk.is_finished_ok
+    assert bulk.is_sealed
+    plain_in, plain_out = _links(plain)
+    bulk_in, bulk_out = _links(bulk)
+    assert bulk_in == plain_in
+    assert len(bulk_in) == 40
+    assert bulk_out == plain_out
+    assert {key: node.value for key, node in bulk_outputs['doubled'].items()} == {
+        key: node.value for key, node in plain_outputs['doubled'].items()
+    }
+    # Every output is stored with its creator, as the engine stores it.
+    assert all(node.is_stored and node.creator.uuid == bulk.uuid for node in bulk_outputs['doubled'].values())
+
+
+@pytest.mark.usefixtures('aiida_profile_clean')
+def test_calcfunction_unstored_inputs_are_stored_with_the_process():
+    """Inputs given unstored are stored when the process node is, and linked."""
+    _, node = bulk_echo.run_get_node(n={'a': orm.Int(1), 'b': orm.Int(2)})
+    incoming = node.base.links.get_incoming(link_type=LinkType.INPUT_CALC).all()
+    assert sorted(link.link_label for link in incoming) == ['n__a', 'n__b']
+    assert all(link.node.is_stored for link in incoming)
+
+
+@pytest.mark.usefixtures('aiida_profile_clean')
+def test_workchain_links_equal_aiida_core_links():
+    """INPUT_WORK and RETURN links of a work chain with bulk links equal those of the same work chain without."""
+    nodes = {f'k{index:03d}': orm.Int(index).store() for index in range(30)}
+    extra = orm.Str('x').store()
+    _, plain = engine.run_get_node(PlainReturn, nodes=nodes, extra=extra)
+    _, bulk = engine.run_get_node(BulkReturn, nodes=nodes, extra=extra)
+
+    assert plain.is_finished_ok
+    assert bulk.is_finished_ok
+    plain_in, plain_out = _links(plain)
+    bulk_in, bulk_out = _links(bulk)
+    assert bulk_in == plain_in
+    assert len(bulk_in) == 31
+    assert bulk_out == plain_out
+    assert len(bulk_out) == 30
+
+
+def _return_input(**namespaces):
+    """Return an input node as if it were new: a cycle, which aiida-core refuses."""
+    return {'same': namespaces['n']['a']}
+
+
+@pytest.mark.usefixtures('aiida_profile_clean')
+def test_returning_an_input_is_refused_as_aiida_core_refuses_it():
+    """A calcfunction cannot create a node that already exists; both ways fail with the engine's error."""
+    node = orm.Int(1).store()
+    errors = []
+    for decorator in (engine.calcfunction, bulk_links.calcfunction):
+        with pytest.raises(ValueError, match='cycle') as info:
+            decorator(_return_input)(n={'a': node})
+        errors.append(str(info.value))
+    assert errors[1] == errors[0]
