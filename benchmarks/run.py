@@ -1,0 +1,892 @@
+"""The benchmark runner of issue 5: the plain way and the package's way on the same synthetic data, in one command.
+
+    python benchmarks/run.py                      # every case at the reference sizes (N = 1752 and 7100)
+    python benchmarks/run.py --quick              # the same cases on small databases (N = 150 and 300), a check
+    python benchmarks/run.py --only featurize-1752 pipeline
+    python benchmarks/run.py --write-results      # also write benchmarks/RESULTS.md
+    python benchmarks/run.py --list               # the cases and what each one runs
+
+Every measured run is a child process of its own (``python benchmarks/run.py --_task ...`` or a script such as
+``plain_pipeline.py``), so that its peak RSS is its own: this process samples the resident memory of the child and
+all its descendants (DScribe's and SpeciesAwareSOAP's worker processes) every 50 ms and keeps the largest sum, and
+takes the child's own ``ru_maxrss`` (from ``wait4``) if that is larger. The package's runs work on a throw-away AiiDA
+profile (``core.sqlite_dos`` in a temporary ``AIIDA_PATH``, deleted at the end; ``~/.aiida`` is never touched); the
+plain runs store nothing.
+
+Cases live in the registry :data:`CASES` (name -> :class:`Case`): a case builds the list of :class:`Run` objects
+(the command of each child and what it needs set up) and checks its targets from their results. See
+``benchmarks/README.md`` for the cases and how to add one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import itertools
+import json
+import os
+import pathlib
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import typing as t
+from collections.abc import Callable
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPOSITORY = HERE.parent
+PROFILE_NAME = 'mlworkbench-benchmark'
+SEED = 0
+
+REFERENCE_SIZES = (1752, 7100)
+"""Database sizes of the reference studies; ``--quick`` replaces them with :data:`QUICK_SIZES`."""
+QUICK_SIZES = {1752: 150, 7100: 300}
+RESOLUTIONS = (5, 9)
+"""``n_max = l_max`` of the featurization cases."""
+SOAP_SETTINGS = {'r_cut': 6.0, 'sigma': 1.0, 'average': 'inner'}
+PACKAGE_JOBS = (1, 2)
+"""Job counts of the package's featurization (``featurization_jobs``): the 1-core and 2-core figures."""
+PLAIN_JOBS = 2
+"""``n_jobs`` of DScribe's plain call: both cores, as a user after speed would; 1 core would not fit in 20 minutes."""
+SPEED_TARGET = 10.0
+MEMORY_TARGET_BYTES = 10**9
+TOTAL_TIME_TARGET = 20 * 60
+SAMPLE_INTERVAL = 0.05
+
+MIB = 2**20
+
+
+# -- the registry ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """One measured child process: one way (``plain`` or ``package``) of doing the work of a case.
+
+    :param command: the arguments after the Python interpreter; the child's last line of output, if it is a JSON
+        object, is kept as :attr:`Result.payload`. Its ``seconds`` (the time of the work itself, without interpreter
+        start-up and setup) is the wall time of the table; without it the whole process's lifetime is.
+    :param needs: setup steps to run first, each once per benchmark run: ``('database', N)`` (the synthetic database
+        of N embeddings in the throw-away profile) or ``('clusters', N)`` (that database and its impurity clusters,
+        stored with provenance).
+    """
+
+    case: str
+    way: str
+    size: int
+    nl: int | None
+    jobs: int | None
+    command: list[str]
+    needs: tuple[tuple[str, int], ...] = ()
+    label: str = ''
+
+
+@dataclasses.dataclass
+class Result:
+    run: Run
+    seconds: float
+    process_seconds: float
+    peak_rss: int
+    returncode: int
+    payload: dict[str, t.Any]
+    stderr_tail: str = ''
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+@dataclasses.dataclass
+class Target:
+    """A PASS/FAIL line: ``passed`` is ``None`` when the figure is not available (case skipped or failed).
+
+    ``info`` lines report a figure that has no target.
+    """
+
+    text: str
+    passed: bool | None
+    info: bool = False
+
+    def line(self) -> str:
+        status = 'info' if self.info else {True: 'PASS', False: 'FAIL', None: 'n/a '}[self.passed]
+        return f'{status}  {self.text}'
+
+
+@dataclasses.dataclass
+class Case:
+    """A benchmark case: ``build`` returns its runs, ``check`` its target lines from the results of those runs.
+
+    ``check`` may run further unmeasured child processes through :meth:`Context.task` (e.g. to compare outputs).
+    """
+
+    name: str
+    description: str
+    build: Callable[[Context], list[Run]]
+    check: Callable[[Context, list[Result]], list[Target]] | None = None
+
+
+CASES: dict[str, Case] = {}
+"""The case registry, in running order."""
+
+
+def register(case: Case) -> Case:
+    if case.name in CASES:
+        raise ValueError(f'case {case.name!r} is registered twice')
+    CASES[case.name] = case
+    return case
+
+
+# -- running children ------------------------------------------------------------------------------------------------
+
+
+class Context:
+    """What the cases share: the mode, the work folder, the throw-away AiiDA profile and the setup already done."""
+
+    def __init__(self, quick: bool, workdir: pathlib.Path, timeout: float | None, verbose: bool) -> None:
+        self.quick = quick
+        self.workdir = workdir
+        self.timeout = timeout
+        self.verbose = verbose
+        self.aiida_path = workdir / 'aiida'
+        self.setup_results: list[Result] = []
+        self._done: dict[tuple[str, int], Result] = {}
+
+    def size(self, reference: int) -> int:
+        """The database size that stands for the reference size ``reference`` in this mode."""
+        return QUICK_SIZES.get(reference, reference) if self.quick else reference
+
+    def task_command(self, task: str, **arguments: t.Any) -> list[str]:
+        """Command line of a child running the function ``task_<task>`` of this file with ``arguments``."""
+        return [str(HERE / 'run.py'), '--_task', task, json.dumps(arguments)]
+
+    def environment(self) -> dict[str, str]:
+        environment = dict(os.environ)
+        environment['AIIDA_PATH'] = str(self.aiida_path)
+        environment['PYTHONUNBUFFERED'] = '1'
+        environment.pop('AIIDA_PROFILE', None)
+        return environment
+
+    def measure(self, run: Run) -> Result:
+        """Run the setup ``run`` needs, then ``run`` itself in a child process, sampling its memory."""
+        for need in run.needs:
+            self.setup(need)
+        say(f'  {run.case:<18} {run.way:<8} N={run.size:<5} n=l={run.nl or "-"!s:<2} jobs={run.jobs or "-"} ...')
+        result = measure_child(run, self.environment(), self.workdir, self.timeout)
+        status = 'ok' if result.ok else f'FAILED (exit code {result.returncode})'
+        figures = f'{result.seconds:.1f} s, process {result.process_seconds:.1f} s, {result.peak_rss / MIB:.0f} MiB'
+        say(f'    {status}: {figures}')
+        if not result.ok:
+            say(result.stderr_tail)
+        return result
+
+    def setup(self, need: tuple[str, int]) -> Result:
+        """Run a setup step once: the synthetic database (and its clusters) of a size, in the throw-away profile."""
+        kind, size = need
+        if need in self._done:
+            return self._done[need]
+        run = Run('setup', kind, size, None, None, self.task_command('setup', size=size, clusters=kind == 'clusters'))
+        result = self.measure(run)
+        if not result.ok:
+            raise RuntimeError(f'setup {need} failed:\n{result.stderr_tail}')
+        self.setup_results.append(result)
+        self._done[need] = result
+        if kind == 'clusters':
+            self._done['database', size] = result
+        return result
+
+    def task(self, task: str, **arguments: t.Any) -> dict[str, t.Any]:
+        """Run an unmeasured helper child (e.g. a comparison) and return its JSON payload."""
+        completed = subprocess.run(
+            [sys.executable, *self.task_command(task, **arguments)],
+            env=self.environment(),
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(f'task {task} failed:\n{completed.stderr[-3000:]}')
+        return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def tree_rss(process) -> int:
+    """Summed resident memory of ``process`` and all its descendants, in bytes (0 for any that just ended)."""
+    import psutil
+
+    total = 0
+    try:
+        members = [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for member in members:
+        with contextlib.suppress(psutil.Error):
+            total += member.memory_info().rss
+    return total
+
+
+def measure_child(run: Run, environment: dict[str, str], workdir: pathlib.Path, timeout: float | None) -> Result:
+    """Run ``run.command`` with this Python, sample its process tree's RSS, and return the measured figures."""
+    import psutil
+
+    stdout_path = workdir / 'child.stdout'
+    stderr_path = workdir / 'child.stderr'
+    with open(stdout_path, 'w') as stdout, open(stderr_path, 'w') as stderr:
+        start = time.perf_counter()
+        child = subprocess.Popen(
+            [sys.executable, *run.command], stdout=stdout, stderr=stderr, env=environment, cwd=workdir
+        )
+        process = psutil.Process(child.pid)
+        peak = 0
+        timed_out = False
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                break
+            peak = max(peak, tree_rss(process))
+            if timeout is not None and time.perf_counter() - start > timeout:
+                timed_out = True
+                for member in [*process.children(recursive=True), process]:
+                    with contextlib.suppress(psutil.Error):
+                        member.kill()
+            time.sleep(SAMPLE_INTERVAL)
+        process_seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+    peak = max(peak, usage.ru_maxrss * 1024)
+    output = stdout_path.read_text()
+    errors = stderr_path.read_text()
+    payload: dict[str, t.Any] = {}
+    lines = output.strip().splitlines()
+    if lines and lines[-1].startswith('{'):
+        with contextlib.suppress(json.JSONDecodeError):
+            payload = json.loads(lines[-1])
+    returncode = child.returncode
+    if timed_out:
+        returncode = returncode or -9
+        errors += f'\nkilled after the timeout of {timeout:.0f} s'
+    return Result(
+        run=run,
+        seconds=float(payload.get('seconds', process_seconds)),
+        process_seconds=process_seconds,
+        peak_rss=peak,
+        returncode=returncode,
+        payload=payload,
+        stderr_tail=errors[-3000:],
+    )
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- child tasks (run as `python benchmarks/run.py --_task NAME JSON`) -----------------------------------------------
+
+
+def _profile_storage(aiida_path: pathlib.Path) -> pathlib.Path:
+    return aiida_path / 'storage'
+
+
+def load_benchmark_profile(create: bool = False) -> None:
+    """Load the throw-away profile in ``$AIIDA_PATH`` (set by the parent), creating it if asked and missing."""
+    from aiida import load_profile
+    from aiida.manage.configuration import create_profile, get_config
+
+    config = get_config(create=True)
+    if PROFILE_NAME not in config.profile_names:
+        if not create:
+            raise RuntimeError(f'the benchmark profile {PROFILE_NAME} does not exist yet: run its setup first')
+        profile = create_profile(
+            config,
+            storage_backend='core.sqlite_dos',
+            storage_config={'filepath': str(_profile_storage(pathlib.Path(os.environ['AIIDA_PATH'])))},
+            name=PROFILE_NAME,
+            email='benchmark@localhost',
+        )
+        config.set_default_profile(profile.name, overwrite=True)
+        config.store()
+    load_profile(PROFILE_NAME, allow_switch=True)
+
+
+def species() -> list[str]:
+    from aiida_mlworkbench.synthetic import IMPURITY_SPECIES
+
+    return list(IMPURITY_SPECIES)
+
+
+def descriptor_parameters(nl: int) -> dict[str, t.Any]:
+    """The package's descriptor: the same SOAP as the plain way's, over the same 60 species."""
+    return {'name': 'soap', 'species': species(), 'n_max': nl, 'l_max': nl, **SOAP_SETTINGS}
+
+
+def clusters_file(size: int) -> pathlib.Path:
+    return pathlib.Path(os.environ['AIIDA_PATH']) / f'clusters-{size}.json'
+
+
+def task_setup(size: int, clusters: bool) -> dict[str, t.Any]:
+    """Create the synthetic database of ``size`` embeddings and, if asked, store its clusters with provenance.
+
+    The geometry of the stored clusters, as ``featurize`` reads it (``StructureData.get_ase``), is also written to
+    ``clusters-<size>.npz``: the plain way featurizes exactly these clusters (see :func:`task_plain_featurize`).
+    """
+    load_benchmark_profile(create=True)
+    import numpy as np
+    from aiida import orm
+
+    from aiida_mlworkbench.calcfunctions.clusters import build_impurity_clusters
+    from aiida_mlworkbench.synthetic import create_synthetic_database, iter_synthetic_embeddings
+
+    start = time.perf_counter()
+    group = create_synthetic_database(size=size, seed=SEED, reuse_existing=True)
+    result: dict[str, t.Any] = {'database_seconds': time.perf_counter() - start}
+    if clusters and not clusters_file(size).exists():
+        step = time.perf_counter()
+        nodes = build_impurity_clusters(iter_synthetic_embeddings(group))
+        result['cluster_seconds'] = time.perf_counter() - step
+        pks = [node.pk for node in nodes]
+        clusters_file(size).write_text(json.dumps(pks))
+        query = orm.QueryBuilder().append(orm.StructureData, filters={'id': {'in': pks}}, project=['id', '*'])
+        by_pk = dict(query.all())
+        atoms = [by_pk[pk].get_ase() for pk in pks]
+        np.savez(
+            geometry_file(size),
+            counts=np.array([len(cluster) for cluster in atoms]),
+            numbers=np.concatenate([cluster.numbers for cluster in atoms]),
+            positions=np.concatenate([cluster.positions for cluster in atoms]),
+        )
+    result['seconds'] = time.perf_counter() - start
+    return result
+
+
+def geometry_file(size: int) -> pathlib.Path:
+    return pathlib.Path(os.environ['AIIDA_PATH']) / f'clusters-{size}.npz'
+
+
+def task_plain_featurize(size: int, nl: int, jobs: int, output: str) -> dict[str, t.Any]:
+    """The plain way: DScribe's 60-species sparse SOAP on the clusters as ``ase.Atoms``, then a scipy CSR matrix.
+
+    The clusters are those the package featurizes, read from the geometry file the setup wrote (no AiiDA here).
+    Clusters that ``benchmarks/plain_pipeline.py`` builds from ``ase`` hosts with aiida-kkr's ``create_scoef_array``
+    are the same to 1e-15 Angstrom, but the host cell read back from the database differs from ASE's by round-off,
+    which reorders equidistant atoms in about a third of them, and DScribe's sums then differ by up to 1e-10: only
+    the same geometry can show that the outputs are identical.
+    """
+    import ase
+    import numpy as np
+    import scipy.sparse
+
+    sys.path.insert(0, str(HERE))
+    from plain_pipeline import dscribe_features
+
+    geometry = np.load(geometry_file(size))
+    bounds = np.concatenate([[0], np.cumsum(geometry['counts'])])
+    clusters = [
+        ase.Atoms(numbers=geometry['numbers'][first:stop], positions=geometry['positions'][first:stop], pbc=False)
+        for first, stop in itertools.pairwise(bounds)
+    ]
+    start = time.perf_counter()
+    features = dscribe_features(clusters, nl, nl, jobs)
+    seconds = time.perf_counter() - start
+    scipy.sparse.save_npz(output, features, compressed=False)
+    return {'seconds': seconds, 'descriptor_seconds': seconds, 'shape': list(features.shape), 'nnz': features.nnz}
+
+
+def task_package_featurize(size: int, nl: int, jobs: int) -> dict[str, t.Any]:
+    """The package's way: the featurize calcfunction on the stored clusters, storing the SparseFeatureMatrix."""
+    load_benchmark_profile()
+    from aiida import orm
+
+    from aiida_mlworkbench.calcfunctions.featurize import featurization_jobs, featurize_structures
+    from aiida_mlworkbench.descriptors.soap import SpeciesAwareSOAP
+
+    pks = json.loads(clusters_file(size).read_text())
+    query = orm.QueryBuilder().append(orm.StructureData, filters={'id': {'in': pks}}, project=['id', '*'])
+    by_pk = dict(query.all())
+    clusters = [by_pk[pk] for pk in pks]
+
+    # Time spent inside the descriptor (computing the blocks), to tell it from the calcfunction's other work.
+    descriptor_seconds = [0.0]
+    iter_blocks = SpeciesAwareSOAP.iter_blocks
+
+    def timed_iter_blocks(self, *args, **kwargs):
+        blocks = iter_blocks(self, *args, **kwargs)
+        while True:
+            start = time.perf_counter()
+            try:
+                block = next(blocks)
+            except StopIteration:
+                descriptor_seconds[0] += time.perf_counter() - start
+                return
+            descriptor_seconds[0] += time.perf_counter() - start
+            yield block
+
+    SpeciesAwareSOAP.iter_blocks = timed_iter_blocks
+    start = time.perf_counter()
+    with featurization_jobs(jobs):
+        matrix = featurize_structures(clusters, descriptor_parameters(nl))
+    seconds = time.perf_counter() - start
+    if not matrix.is_stored:
+        raise RuntimeError('the feature matrix was not stored')
+    return {
+        'seconds': seconds,
+        'descriptor_seconds': descriptor_seconds[0],
+        'matrix_pk': matrix.pk,
+        'shape': list(matrix.shape),
+        'nnz': matrix.nnz,
+    }
+
+
+def task_compare(plain: str, matrix_pks: list[int], block_size: int = 512) -> dict[str, t.Any]:
+    """Compare the plain CSR matrix with stored SparseFeatureMatrix nodes, block by block, never densifying."""
+    import numpy as np
+    import scipy.sparse
+
+    load_benchmark_profile()
+    from aiida import orm
+
+    reference = scipy.sparse.csr_array(scipy.sparse.load_npz(plain))
+    reference.sort_indices()
+    comparisons = {}
+    for pk in matrix_pks:
+        matrix = orm.load_node(pk)
+        identical = tuple(matrix.shape) == tuple(reference.shape)
+        max_abs_diff = 0.0 if identical else float('inf')
+        start = 0
+        for block in matrix.iter_blocks(block_size) if identical else ():
+            block = scipy.sparse.csr_array(block)
+            block.sort_indices()
+            expected = reference[start : start + block.shape[0]]
+            start += block.shape[0]
+            difference = abs(block - expected)
+            if difference.nnz:
+                max_abs_diff = max(max_abs_diff, float(difference.max()))
+            identical &= (
+                np.array_equal(block.indptr, expected.indptr)
+                and np.array_equal(block.indices, expected.indices)
+                and np.array_equal(block.data, expected.data)
+            )
+        comparisons[str(pk)] = {
+            'identical': bool(identical and start == reference.shape[0]),
+            'max_abs_diff': max_abs_diff,
+        }
+    return {'comparisons': comparisons}
+
+
+def task_package_pipeline(size: int, nl: int, jobs: int) -> dict[str, t.Any]:
+    """The package's way of the whole pipeline: ImpurityLearningWorkChain on the synthetic database's embeddings."""
+    load_benchmark_profile()
+    from aiida import orm
+    from aiida.engine import run_get_node
+
+    from aiida_mlworkbench.synthetic import default_group_label, iter_synthetic_embeddings
+    from aiida_mlworkbench.workflows import ImpurityLearningWorkChain
+
+    group = orm.Group.collection.get(label=default_group_label(size, SEED))
+    start = time.perf_counter()
+    builder = ImpurityLearningWorkChain.get_builder_from_embeddings(
+        iter_synthetic_embeddings(group),
+        descriptor={'name': 'soap', 'species': species(), 'n_max': nl, 'l_max': nl, **SOAP_SETTINGS},
+        n_jobs=jobs,
+    )
+    results, node = run_get_node(builder)
+    seconds = time.perf_counter() - start
+    if not node.is_finished_ok:
+        raise RuntimeError(f'{node} failed: {node.exit_status} {node.exit_message}')
+    return {
+        'seconds': seconds,
+        'score': results['score'].value,
+        'shape': list(results['features'].shape),
+        'nnz': results['features'].nnz,
+        'workchain_pk': node.pk,
+    }
+
+
+def run_task(name: str, arguments: str) -> int:
+    """Entry point of a child: run ``task_<name>`` and print its result (plus ``ru_maxrss``) as the last line."""
+    function = globals()[f'task_{name}']
+    result = function(**json.loads(arguments))
+    result['ru_maxrss'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# -- the cases -------------------------------------------------------------------------------------------------------
+
+
+def _featurize_case(reference_size: int, nl: int) -> Case:
+    name = f'featurize-{reference_size}-{nl}'
+
+    def build(context: Context) -> list[Run]:
+        size = context.size(reference_size)
+        output = context.workdir / f'plain-{size}-{nl}.npz'
+        runs = [
+            Run(
+                name,
+                'plain',
+                size,
+                nl,
+                PLAIN_JOBS,
+                context.task_command('plain_featurize', size=size, nl=nl, jobs=PLAIN_JOBS, output=str(output)),
+                needs=(('clusters', size),),
+                label='DScribe SOAP(species=60, sparse=True).create, scipy CSR',
+            )
+        ]
+        runs += [
+            Run(
+                name,
+                'package',
+                size,
+                nl,
+                jobs,
+                context.task_command('package_featurize', size=size, nl=nl, jobs=jobs),
+                needs=(('clusters', size),),
+                label='featurize calcfunction (SpeciesAwareSOAP), stored SparseFeatureMatrix',
+            )
+            for jobs in PACKAGE_JOBS
+        ]
+        return runs
+
+    def check(context: Context, results: list[Result]) -> list[Target]:
+        size = context.size(reference_size)
+        plain = [result for result in results if result.run.way == 'plain' and result.ok]
+        package = [result for result in results if result.run.way == 'package' and result.ok]
+        targets = []
+        where = f'N = {size}, n = l = {nl}'
+        comparisons = {}
+        if plain and package:
+            comparisons = context.task(
+                'compare',
+                plain=str(context.workdir / f'plain-{size}-{nl}.npz'),
+                matrix_pks=[result.payload['matrix_pk'] for result in package],
+            )['comparisons']
+        for result in package:
+            comparison = comparisons.get(str(result.payload['matrix_pk']))
+            jobs = result.run.jobs
+            if comparison is not None:
+                targets.append(
+                    Target(
+                        f'identical output, {where}, package {jobs} job(s) vs plain: max abs diff '
+                        f'{comparison["max_abs_diff"]:.1e}',
+                        comparison['identical'],
+                    )
+                )
+            if plain:
+                descriptor_speedup = plain[0].payload['descriptor_seconds'] / result.payload['descriptor_seconds']
+                speedup = plain[0].seconds / result.seconds
+                targets.append(
+                    Target(
+                        f'speed, {where}: SpeciesAwareSOAP on {jobs} job(s) is {descriptor_speedup:.1f}x faster than '
+                        f'DScribe 60-species on {plain[0].run.jobs} (target >= {SPEED_TARGET:.0f}x); the whole '
+                        f'featurize calcfunction (provenance, storage) {speedup:.1f}x',
+                        descriptor_speedup >= SPEED_TARGET,
+                    )
+                )
+        if not (plain and package):
+            targets.append(Target(f'identical output and speed, {where}: a run failed or was skipped', None))
+        if reference_size == 7100 and nl == 9:
+            for result in package:
+                targets.append(
+                    Target(
+                        f'memory, {size} x {result.payload["shape"][1]} features (n = l = 9), featurize and store '
+                        f'on {result.run.jobs} job(s): peak RSS {result.peak_rss / 1e9:.2f} GB (target < '
+                        f'{MEMORY_TARGET_BYTES / 1e9:.0f} GB)',
+                        result.peak_rss < MEMORY_TARGET_BYTES,
+                    )
+                )
+            if not package:
+                targets.append(Target('memory, N = 7100, n = l = 9: the package run failed or was skipped', None))
+        return targets
+
+    return Case(
+        name,
+        f'featurize the clusters of the N = {reference_size} database at n_max = l_max = {nl}: plain (DScribe, '
+        f'{PLAIN_JOBS} jobs) and package (featurize calcfunction, {" and ".join(map(str, PACKAGE_JOBS))} jobs); '
+        'identical output, speed-up'
+        + (', peak RSS of the package < 1 GB' if (reference_size, nl) == (7100, 9) else ''),
+        build,
+        check,
+    )
+
+
+for _size in REFERENCE_SIZES:
+    for _nl in RESOLUTIONS:
+        register(_featurize_case(_size, _nl))
+
+
+PIPELINE_SIZE = 1752
+PIPELINE_NL = 5
+PIPELINE_JOBS = 2
+
+
+def _build_pipeline(context: Context) -> list[Run]:
+    size = context.size(PIPELINE_SIZE)
+    plain = [str(HERE / 'plain_pipeline.py'), '--size', str(size), '--n-max', str(PIPELINE_NL)]
+    plain += ['--l-max', str(PIPELINE_NL), '--jobs', str(PIPELINE_JOBS), '--seed', str(SEED), '--json']
+    return [
+        Run('pipeline', 'plain', size, PIPELINE_NL, PIPELINE_JOBS, plain, label='benchmarks/plain_pipeline.py'),
+        Run(
+            'pipeline',
+            'package',
+            size,
+            PIPELINE_NL,
+            PIPELINE_JOBS,
+            context.task_command('package_pipeline', size=size, nl=PIPELINE_NL, jobs=PIPELINE_JOBS),
+            needs=(('database', size),),
+            label='ImpurityLearningWorkChain',
+        ),
+    ]
+
+
+def _check_pipeline(context: Context, results: list[Result]) -> list[Target]:
+    scores = {result.run.way: result.payload.get('score') for result in results if result.ok}
+    if len(scores) < 2:
+        return [Target('pipeline: a run failed or was skipped', None)]
+    # Not a target: the plain script's clusters differ from the stored ones by round-off (see task_plain_featurize),
+    # and StandardScaler(with_mean=False) blows up features whose spread is round-off, so accuracies may differ.
+    return [
+        Target(
+            f'pipeline: test accuracy of the plain script {scores["plain"]:.4f}, of the work chain '
+            f'{scores["package"]:.4f}',
+            None,
+            info=True,
+        )
+    ]
+
+
+register(
+    Case(
+        'pipeline',
+        f'the whole work (clusters, features at n = l = {PIPELINE_NL}, stratified 0.25 split, StandardScaler + linear '
+        f'SVC, accuracy) on the N = {PIPELINE_SIZE} database: benchmarks/plain_pipeline.py against '
+        f'ImpurityLearningWorkChain from the embeddings, both with {PIPELINE_JOBS} featurization jobs',
+        _build_pipeline,
+        _check_pipeline,
+    )
+)
+
+
+# -- report ----------------------------------------------------------------------------------------------------------
+
+
+def select_cases(only: list[str] | None) -> list[Case]:
+    """The cases named in ``only`` (a name or the start of names, e.g. ``featurize`` or ``featurize-7100``)."""
+    if not only:
+        return list(CASES.values())
+    selected = []
+    for pattern in only:
+        matches = [case for name, case in CASES.items() if name == pattern or name.startswith(pattern + '-')]
+        if not matches:
+            raise SystemExit(f'unknown case {pattern!r}; the cases are: {", ".join(CASES)}')
+        selected += [case for case in matches if case not in selected]
+    return [case for case in CASES.values() if case in selected]
+
+
+def _format_seconds(seconds: float) -> str:
+    return f'{seconds:.1f}' if seconds < 100 else f'{seconds:.0f}'
+
+
+def table(results: list[Result], setup: list[Result]) -> str:
+    """Markdown table of the runs; ratios are package / plain of the same case (time and peak RSS)."""
+    header = (
+        '| case | way | N | n=l | jobs | wall s | process s | peak RSS MiB | time package/plain | RSS package/plain |'
+    )
+    lines = [header, '|' + '---|' * (header.count('|') - 1)]
+    for result in setup:
+        run = result.run
+        lines.append(
+            f'| setup | {run.way} | {run.size} | - | - | {_format_seconds(result.seconds)} | '
+            f'{_format_seconds(result.process_seconds)} | {result.peak_rss / MIB:.0f} | | |'
+        )
+    for result in results:
+        run = result.run
+        plain = next(
+            (other for other in results if other.run.case == run.case and other.run.way == 'plain' and other.ok), None
+        )
+        time_ratio = rss_ratio = ''
+        if run.way != 'plain' and plain is not None and result.ok:
+            time_ratio = f'{result.seconds / plain.seconds:.3f}'
+            rss_ratio = f'{result.peak_rss / plain.peak_rss:.2f}'
+        wall = _format_seconds(result.seconds) if result.ok else f'failed ({result.returncode})'
+        lines.append(
+            f'| {run.case} | {run.way} | {run.size} | {run.nl or "-"} | {run.jobs or "-"} | {wall} | '
+            f'{_format_seconds(result.process_seconds)} | {result.peak_rss / MIB:.0f} | {time_ratio} | {rss_ratio} |'
+        )
+    return '\n'.join(lines)
+
+
+def machine_description() -> dict[str, str]:
+    import importlib.metadata
+
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    versions = []
+    for package in ('aiida-mlworkbench', 'aiida-core', 'aiida-kkr', 'dscribe', 'scikit-learn', 'numpy', 'scipy'):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions.append(f'{package} {importlib.metadata.version(package)}')
+    for package in ('h5py', 'ase', 'joblib', 'psutil'):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions.append(f'{package} {importlib.metadata.version(package)}')
+    commit = subprocess.run(
+        ['git', 'describe', '--always', '--dirty'], cwd=REPOSITORY, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        'CPU': f'{cpu}, {psutil.cpu_count(logical=True)} logical cores ({psutil.cpu_count(logical=False)} physical)',
+        'memory': f'{psutil.virtual_memory().total / 2**30:.1f} GiB',
+        'system': f'{platform.system()} {platform.release()}',
+        'Python': f'{platform.python_implementation()} {platform.python_version()}',
+        'libraries': ', '.join(versions),
+        'commit': commit or 'unknown',
+    }
+
+
+def load_average() -> str:
+    return ', '.join(f'{value:.2f}' for value in os.getloadavg())
+
+
+# -- main ------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--quick', action='store_true', help=f'small databases ({QUICK_SIZES}) instead of 1752/7100')
+    parser.add_argument('--only', nargs='+', metavar='CASE', help='run these cases (a name or its start) only')
+    parser.add_argument('--list', action='store_true', help='list the cases and exit')
+    parser.add_argument('--write-results', action='store_true', help='write the results file (see --results-file)')
+    parser.add_argument('--results-file', type=pathlib.Path, default=HERE / 'RESULTS.md')
+    parser.add_argument(
+        '--timeout', type=float, default=None, help='seconds after which a run is killed (default none)'
+    )
+    parser.add_argument('--keep', action='store_true', help='keep the work folder (profile, plain matrices)')
+    parser.add_argument('--_task', nargs=2, metavar=('NAME', 'JSON'), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._task:
+        return run_task(*args._task)
+    if args.list:
+        for case in CASES.values():
+            print(f'{case.name}: {case.description}')
+        return 0
+
+    cases = select_cases(args.only)
+    started = datetime.datetime.now().astimezone()
+    load_start = load_average()
+    machine = machine_description()
+    say(f'{started:%Y-%m-%d %H:%M %Z}, {machine["CPU"]}, load average {load_start}')
+    say(f'cases: {", ".join(case.name for case in cases)}{" (quick sizes)" if args.quick else ""}')
+
+    start = time.perf_counter()
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix='mlworkbench-benchmarks-'))
+    results: list[Result] = []
+    targets: list[Target] = []
+    try:
+        context = Context(args.quick, workdir, args.timeout, verbose=True)
+        for case in cases:
+            say(f'{case.name}: {case.description}')
+            case_results = [context.measure(run) for run in case.build(context)]
+            results += case_results
+            if case.check is not None:
+                targets += case.check(context, case_results)
+    finally:
+        if args.keep:
+            say(f'work folder kept: {workdir}')
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    total = time.perf_counter() - start
+    load_end = load_average()
+
+    if args.quick or args.only:
+        targets.append(Target(f'total time {total / 60:.1f} min: checked only for a full run (target < 20 min)', None))
+    else:
+        targets.append(Target(f'total time {total / 60:.1f} min (target < 20 min)', total < TOTAL_TIME_TARGET))
+
+    report = table(results, context.setup_results)
+    print(report)
+    print()
+    for target in targets:
+        print(target.line())
+
+    if args.write_results:
+        write_results(
+            args=args,
+            cases=cases,
+            report=report,
+            targets=targets,
+            machine=machine,
+            started=started,
+            load_start=load_start,
+            load_end=load_end,
+            total=total,
+        )
+    failed = any(target.passed is False for target in targets) or not all(result.ok for result in results)
+    return 1 if failed else 0
+
+
+def write_results(
+    *,
+    args: argparse.Namespace,
+    cases: list[Case],
+    report: str,
+    targets: list[Target],
+    machine: dict[str, str],
+    started: datetime.datetime,
+    load_start: str,
+    load_end: str,
+    total: float,
+) -> None:
+    command = 'python benchmarks/run.py ' + ' '.join(arg for arg in (argv_for_display(args)) if arg)
+    lines = [
+        '# Benchmark results',
+        '',
+        f'Written by `{command.strip()}` on {started:%Y-%m-%d %H:%M %Z}; total time {total / 60:.1f} min.'
+        + (' **Quick run: small databases, not the reference sizes.**' if args.quick else ''),
+        '',
+        '## Machine',
+        '',
+        *(f'- {key}: {value}' for key, value in machine.items()),
+        f'- load average (1, 5, 15 min): {load_start} at the start, {load_end} at the end',
+        '',
+        '## Cases',
+        '',
+        *(f'- `{case.name}`: {case.description}' for case in cases),
+        '',
+        '## Results',
+        '',
+        'wall s: the work itself (the child reports it: featurization, or the whole pipeline, without interpreter '
+        'start-up and loading); process s: the whole child process; peak RSS: the child and all its descendants, '
+        'sampled every 50 ms; ratios: package / plain of the same case. Setup rows: the synthetic database and its '
+        'clusters stored with provenance, done once per size and shared by the cases.',
+        '',
+        report,
+        '',
+        '## Targets',
+        '',
+        '```text',
+        *(target.line() for target in targets),
+        '```',
+        '',
+    ]
+    args.results_file.write_text('\n'.join(lines))
+    say(f'wrote {args.results_file}')
+
+
+def argv_for_display(args: argparse.Namespace) -> list[str]:
+    shown = []
+    if args.quick:
+        shown.append('--quick')
+    if args.only:
+        shown += ['--only', *args.only]
+    shown.append('--write-results')
+    return shown
+
+
+if __name__ == '__main__':
+    sys.exit(main())
