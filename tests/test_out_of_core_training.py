@@ -145,6 +145,20 @@ class TestIncrementalTraining:
         np.testing.assert_allclose(streamed.feature_log_prob_, in_memory.feature_log_prob_)
         np.testing.assert_array_equal(streamed.classes_, in_memory.classes_)
 
+    @pytest.mark.parametrize(('estimator', 'scaler'), [('Perceptron', 'MaxAbsScaler'), ('BernoulliNB', None)])
+    def test_other_classifiers(self, data, estimator, scaler):
+        features, targets, split = data
+        model = train_model(features, targets, split, orm.Dict(incremental(estimator, scaler=scaler)))
+        assert score_model(model, features, targets, split)['score'].value > 0.9
+
+    def test_clustering(self, data):
+        features, targets, split = data
+        specification = incremental('MiniBatchKMeans', scaler=None)
+        specification['parameters'] = {'n_clusters': len(CLASSES), 'random_state': 0, 'n_init': 1}
+        model = train_model(features, targets, split, orm.Dict(specification))
+        assert model.base.attributes.get('task') == 'other'
+        assert model.load().cluster_centers_.shape == (len(CLASSES), N_FEATURES)
+
     def test_regression(self, data):
         features, _, _ = data
         values = features.get_rows(slice(0, N_ROWS))[:, :100].sum(axis=1)  # depends on the features: learnable
