@@ -74,6 +74,7 @@ class Run:
     :param needs: setup steps to run first, each once per benchmark run: ``('database', N)`` (the synthetic database
         of N embeddings in the throw-away profile) or ``('clusters', N)`` (that database and its impurity clusters,
         stored with provenance).
+    :param seconds_key: the key of the child's JSON that holds the time of the work.
     """
 
     case: str
@@ -84,6 +85,7 @@ class Run:
     command: list[str]
     needs: tuple[tuple[str, int], ...] = ()
     label: str = ''
+    seconds_key: str = 'seconds'
 
 
 @dataclasses.dataclass
@@ -179,7 +181,10 @@ class Context:
         result = measure_child(run, self.environment(), self.workdir, self.timeout)
         status = 'ok' if result.ok else f'FAILED (exit code {result.returncode})'
         figures = f'{result.seconds:.1f} s, process {result.process_seconds:.1f} s, {result.peak_rss / MIB:.0f} MiB'
-        say(f'    {status}: {figures}')
+        details = ', '.join(
+            f'{key} {value:.1f} s' for key, value in result.payload.items() if key.endswith('_seconds') and value
+        )
+        say(f'    {status}: {figures}' + (f' ({details})' if details else ''))
         if not result.ok:
             say(result.stderr_tail)
         return result
@@ -199,10 +204,16 @@ class Context:
             self._done['database', size] = result
         return result
 
-    def task(self, task: str, **arguments: t.Any) -> dict[str, t.Any]:
-        """Run an unmeasured helper child (e.g. a comparison) and return its JSON payload."""
+    def task(self, task: str, script: pathlib.Path | None = None, **arguments: t.Any) -> dict[str, t.Any]:
+        """Run an unmeasured helper child (e.g. a comparison) and return its JSON payload.
+
+        ``script``: run ``<script> --_task <task> <JSON>`` instead of a task of this file.
+        """
+        command = self.task_command(task, **arguments)
+        if script is not None:
+            command[0] = str(script)
         completed = subprocess.run(
-            [sys.executable, *self.task_command(task, **arguments)],
+            [sys.executable, *command],
             env=self.environment(),
             cwd=self.workdir,
             capture_output=True,
@@ -270,7 +281,7 @@ def measure_child(run: Run, environment: dict[str, str], workdir: pathlib.Path, 
         errors += f'\nkilled after the timeout of {timeout:.0f} s'
     return Result(
         run=run,
-        seconds=float(payload.get('seconds', process_seconds)),
+        seconds=float(payload.get(run.seconds_key, process_seconds)),
         process_seconds=process_seconds,
         peak_rss=peak,
         returncode=returncode,
@@ -311,6 +322,23 @@ def load_benchmark_profile(create: bool = False) -> None:
     load_profile(PROFILE_NAME, allow_switch=True)
 
 
+def task_create_profile(name: str) -> dict[str, t.Any]:
+    """Add a ``core.sqlite_dos`` profile ``name`` to the configuration in ``$AIIDA_PATH`` (for other scripts' tasks)."""
+    from aiida.manage.configuration import create_profile, get_config
+
+    config = get_config(create=True)
+    if name not in config.profile_names:
+        create_profile(
+            config,
+            storage_backend='core.sqlite_dos',
+            storage_config={'filepath': str(pathlib.Path(os.environ['AIIDA_PATH']) / f'storage-{name}')},
+            name=name,
+            email='benchmark@localhost',
+        )
+        config.store()
+    return {'profile': name}
+
+
 def species() -> list[str]:
     from aiida_mlworkbench.synthetic import IMPURITY_SPECIES
 
@@ -335,6 +363,7 @@ def task_setup(size: int, clusters: bool) -> dict[str, t.Any]:
     load_benchmark_profile(create=True)
     import numpy as np
     from aiida import orm
+    from aiida.manage import get_manager
 
     from aiida_mlworkbench.calcfunctions.clusters import build_impurity_clusters
     from aiida_mlworkbench.synthetic import create_synthetic_database, iter_synthetic_embeddings
@@ -350,7 +379,8 @@ def task_setup(size: int, clusters: bool) -> dict[str, t.Any]:
         clusters_file(size).write_text(json.dumps(pks))
         query = orm.QueryBuilder().append(orm.StructureData, filters={'id': {'in': pks}}, project=['id', '*'])
         by_pk = dict(query.all())
-        atoms = [by_pk[pk].get_ase() for pk in pks]
+        with get_manager().get_profile_storage().transaction():  # Stored nodes are then not re-read on each access.
+            atoms = [by_pk[pk].get_ase() for pk in pks]
         np.savez(
             geometry_file(size),
             counts=np.array([len(cluster) for cluster in atoms]),
@@ -668,6 +698,85 @@ register(
 )
 
 
+# The training case of benchmarks/training_memory.py (written separately): its tasks, measured here.
+sys.path.insert(0, str(HERE))
+try:
+    import training_memory
+except ImportError:  # Without that script the other cases still run.
+    training_memory = None
+
+
+def _training_sizes(context: Context) -> tuple[int, ...]:
+    return tuple(training_memory.QUICK_SIZES if context.quick else training_memory.SIZES)
+
+
+def _build_training(context: Context) -> list[Run]:
+    """Store the SOAP-shaped random matrix, targets and split per size (unmeasured), then train both ways."""
+    script = HERE / 'training_memory.py'
+    context.task('create_profile', name=training_memory.PROFILE_NAME)
+    runs = []
+    for size in _training_sizes(context):
+        prepared = context.task(
+            'prepare',
+            script=script,
+            n_rows=size,
+            n_features=training_memory._common.SOAP_FEATURES,
+            nnz_per_row=training_memory._common.SOAP_NNZ_PER_ROW,
+            seed=SEED,
+            workdir=str(context.workdir),
+        )
+        nodes = {key: prepared[key] for key in ('features', 'targets', 'split')}
+        package = {**nodes, 'epochs': training_memory.EPOCHS, 'block_size': training_memory.BLOCK_SIZE}
+        plain = {'plain': prepared['plain'], 'epochs': training_memory.EPOCHS}
+        for way, arguments in (('plain', plain), ('package', package)):
+            runs.append(
+                Run(
+                    'training',
+                    way,
+                    size,
+                    9,
+                    1,
+                    [str(script), '--_task', way, json.dumps(arguments)],
+                    label='SGDClassifier, in memory' if way == 'plain' else 'train_model, incremental from HDF5',
+                    seconds_key='train_s',
+                )
+            )
+    return runs
+
+
+def _check_training(context: Context, results: list[Result]) -> list[Target]:
+    package = {result.run.size: result for result in results if result.run.way == 'package'}
+    sizes = _training_sizes(context)
+    if not all(size in package and package[size].ok for size in sizes) or any(
+        package[size].payload.get('exit_status') != 0 for size in sizes
+    ):
+        return [Target('training: a run failed or was skipped', None)]
+    small, large = package[min(sizes)], package[max(sizes)]
+    ratio = large.peak_rss / small.peak_rss
+    return [
+        Target(
+            f'training memory: peak RSS of the package at N = {large.run.size} is {ratio:.2f}x that at N = '
+            f'{small.run.size} ({large.peak_rss / MIB:.0f} / {small.peak_rss / MIB:.0f} MiB; target within '
+            f'{training_memory.RSS_RATIO_TARGET}x)',
+            ratio <= training_memory.RSS_RATIO_TARGET,
+        )
+    ]
+
+
+if training_memory is not None:
+    register(
+        Case(
+            'training',
+            'benchmarks/training_memory.py: a stored SOAP-shaped random matrix (1,460,700 columns, about 1,710 '
+            f'non-zeros per row) of N = {" and ".join(map(str, training_memory.SIZES))} rows; package: train_model '
+            'with incremental SGDClassifier streaming blocks from the HDF5 file; plain: SGDClassifier.fit on the '
+            "whole matrix in memory; the package's peak RSS must not grow with N",
+            _build_training,
+            _check_training,
+        )
+    )
+
+
 # -- report ----------------------------------------------------------------------------------------------------------
 
 
@@ -689,7 +798,7 @@ def _format_seconds(seconds: float) -> str:
 
 
 def table(results: list[Result], setup: list[Result]) -> str:
-    """Markdown table of the runs; ratios are package / plain of the same case (time and peak RSS)."""
+    """Markdown table of the runs; ratios are package / plain of the same case, N and n=l (time and peak RSS)."""
     header = (
         '| case | way | N | n=l | jobs | wall s | process s | peak RSS MiB | time package/plain | RSS package/plain |'
     )
@@ -703,7 +812,14 @@ def table(results: list[Result], setup: list[Result]) -> str:
     for result in results:
         run = result.run
         plain = next(
-            (other for other in results if other.run.case == run.case and other.run.way == 'plain' and other.ok), None
+            (
+                other
+                for other in results
+                if (other.run.case, other.run.size, other.run.nl) == (run.case, run.size, run.nl)
+                and other.run.way == 'plain'
+                and other.ok
+            ),
+            None,
         )
         time_ratio = rss_ratio = ''
         if run.way != 'plain' and plain is not None and result.ok:
@@ -759,6 +875,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true', help=f'small databases ({QUICK_SIZES}) instead of 1752/7100')
     parser.add_argument('--only', nargs='+', metavar='CASE', help='run these cases (a name or its start) only')
+    parser.add_argument(
+        '--ways',
+        nargs='+',
+        choices=('plain', 'package'),
+        default=['plain', 'package'],
+        help='run only these ways (default both); ratios need both',
+    )
     parser.add_argument('--list', action='store_true', help='list the cases and exit')
     parser.add_argument('--write-results', action='store_true', help='write the results file (see --results-file)')
     parser.add_argument('--results-file', type=pathlib.Path, default=HERE / 'RESULTS.md')
@@ -791,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         context = Context(args.quick, workdir, args.timeout, verbose=True)
         for case in cases:
             say(f'{case.name}: {case.description}')
-            case_results = [context.measure(run) for run in case.build(context)]
+            case_results = [context.measure(run) for run in case.build(context) if run.way in args.ways]
             results += case_results
             if case.check is not None:
                 targets += case.check(context, case_results)
@@ -803,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - start
     load_end = load_average()
 
-    if args.quick or args.only:
+    if args.quick or args.only or len(args.ways) < 2:
         targets.append(Target(f'total time {total / 60:.1f} min: checked only for a full run (target < 20 min)', None))
     else:
         targets.append(Target(f'total time {total / 60:.1f} min (target < 20 min)', total < TOTAL_TIME_TARGET))
