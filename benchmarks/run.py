@@ -1,7 +1,7 @@
 """The benchmark runner of issue 5: the plain way and the package's way on the same synthetic data, in one command.
 
     python benchmarks/run.py                      # every case at the reference sizes (N = 1752 and 7100)
-    python benchmarks/run.py --quick              # the same cases on small databases (N = 150 and 300), a check
+    python benchmarks/run.py --quick              # the same cases on small databases (N = 150, 300, 600), a check
     python benchmarks/run.py --only featurize-1752 pipeline
     python benchmarks/run.py --write-results      # also write benchmarks/RESULTS.md
     python benchmarks/run.py --list               # the cases and what each one runs
@@ -151,6 +151,8 @@ class Context:
 
     def __init__(self, quick: bool, workdir: pathlib.Path, timeout: float | None, verbose: bool) -> None:
         self.quick = quick
+        self.plain_jobs = PLAIN_JOBS
+        self.package_jobs = PACKAGE_JOBS
         self.workdir = workdir
         self.timeout = timeout
         self.verbose = verbose
@@ -558,8 +560,8 @@ def _featurize_case(reference_size: int, nl: int) -> Case:
                 'plain',
                 size,
                 nl,
-                PLAIN_JOBS,
-                context.task_command('plain_featurize', size=size, nl=nl, jobs=PLAIN_JOBS, output=str(output)),
+                context.plain_jobs,
+                context.task_command('plain_featurize', size=size, nl=nl, jobs=context.plain_jobs, output=str(output)),
                 needs=(('clusters', size),),
                 label='DScribe SOAP(species=60, sparse=True).create, scipy CSR',
             )
@@ -575,7 +577,7 @@ def _featurize_case(reference_size: int, nl: int) -> Case:
                 needs=(('clusters', size),),
                 label='featurize calcfunction (SpeciesAwareSOAP), stored SparseFeatureMatrix',
             )
-            for jobs in PACKAGE_JOBS
+            for jobs in context.package_jobs
         ]
         return runs
 
@@ -882,6 +884,14 @@ def main(argv: list[str] | None = None) -> int:
         default=['plain', 'package'],
         help='run only these ways (default both); ratios need both',
     )
+    parser.add_argument('--plain-jobs', type=int, default=PLAIN_JOBS, help=f'n_jobs of DScribe (default {PLAIN_JOBS})')
+    parser.add_argument(
+        '--package-jobs',
+        type=int,
+        nargs='+',
+        default=list(PACKAGE_JOBS),
+        help=f'job counts of the package featurization (default {" ".join(map(str, PACKAGE_JOBS))})',
+    )
     parser.add_argument('--list', action='store_true', help='list the cases and exit')
     parser.add_argument('--write-results', action='store_true', help='write the results file (see --results-file)')
     parser.add_argument('--results-file', type=pathlib.Path, default=HERE / 'RESULTS.md')
@@ -912,6 +922,7 @@ def main(argv: list[str] | None = None) -> int:
     targets: list[Target] = []
     try:
         context = Context(args.quick, workdir, args.timeout, verbose=True)
+        context.plain_jobs, context.package_jobs = args.plain_jobs, tuple(args.package_jobs)
         for case in cases:
             say(f'{case.name}: {case.description}')
             case_results = [context.measure(run) for run in case.build(context) if run.way in args.ways]
