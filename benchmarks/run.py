@@ -605,17 +605,21 @@ def _featurize_case(reference_size: int, nl: int) -> Case:
                         comparison['identical'],
                     )
                 )
-            if plain:
-                descriptor_speedup = plain[0].payload['descriptor_seconds'] / result.payload['descriptor_seconds']
-                speedup = plain[0].seconds / result.seconds
-                targets.append(
-                    Target(
-                        f'speed, {where}: SpeciesAwareSOAP on {jobs} job(s) is {descriptor_speedup:.1f}x faster than '
-                        f'DScribe 60-species on {plain[0].run.jobs} (target >= {SPEED_TARGET:.0f}x); the whole '
-                        f'featurize calcfunction (provenance, storage) {speedup:.1f}x',
-                        descriptor_speedup >= SPEED_TARGET,
-                    )
+        if plain and package:
+            # One line per case: the target is met with the better job count ("use both cores where it pays").
+            descriptor = [plain[0].payload['descriptor_seconds'] / r.payload['descriptor_seconds'] for r in package]
+            whole = [plain[0].seconds / r.seconds for r in package]
+            jobs = [r.run.jobs for r in package]
+            targets.append(
+                Target(
+                    f'speed, {where}: SpeciesAwareSOAP is '
+                    + ', '.join(f'{x:.1f}x ({j} job{"s" * (j > 1)})' for x, j in zip(descriptor, jobs, strict=True))
+                    + f' faster than DScribe 60-species on {plain[0].run.jobs} jobs (target >= {SPEED_TARGET:.0f}x '
+                    'with the better job count); the whole featurize calcfunction (loading, provenance, storage) '
+                    + ', '.join(f'{x:.1f}x' for x in whole),
+                    max(descriptor) >= SPEED_TARGET,
                 )
+            )
         if not (plain and package):
             targets.append(Target(f'identical output and speed, {where}: a run failed or was skipped', None))
         if reference_size == 7100 and nl == 9:
