@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The two commands of the README, for a fresh clone on a machine that has only Python.
 
-    python3 dev.py demo    # run the main example on an isolated AiiDA profile
+    python3 dev.py demo    # reproduce the reference study (1752 embeddings) on an isolated AiiDA profile
     python3 dev.py test    # lint, docs and the test suite on SQLite and on PostgreSQL + RabbitMQ
 
 Both create (or reuse) a virtual environment in ``.venv`` with the package and its extras installed. The demo runs on
@@ -29,7 +29,7 @@ BIN = VENV / ('Scripts' if os.name == 'nt' else 'bin')
 PYTHON = BIN / 'python'
 DEMO_AIIDA_PATH = ROOT / '.aiida-mlworkbench'
 DEMO_PROFILE = 'mlworkbench-demo'
-DEMO_SCRIPT = ROOT / 'examples' / 'demo_data_types.py'
+DEMO_SCRIPT = ROOT / 'examples' / 'reproduce_poster.py'
 
 
 def say(message: str) -> None:
@@ -78,7 +78,7 @@ def command_demo(arguments: argparse.Namespace) -> None:
     ensure_environment()
     env, profile = demo_environment(arguments.profile)
     say(f'running {DEMO_SCRIPT.relative_to(ROOT)} on profile {profile}')
-    run(BIN / 'verdi', '-p', profile, 'run', DEMO_SCRIPT, env=env)
+    run(BIN / 'verdi', '-p', profile, 'run', DEMO_SCRIPT, *arguments.script_args, env=env)
 
 
 def postgres_reachable(host: str = '127.0.0.1', port: int = 5432) -> bool:
@@ -117,6 +117,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest='command', required=True)
     demo = commands.add_parser('demo', help='run the main example on an isolated AiiDA profile')
     demo.add_argument('--profile', help='run on this existing AiiDA profile of yours instead')
+    demo.add_argument('script_args', nargs='*', help='arguments of the example (after --), e.g. -- --size 300')
     demo.set_defaults(function=command_demo)
     test = commands.add_parser('test', help='ruff, the docs build and the test suite on both storage backends')
     test.add_argument(

@@ -13,8 +13,10 @@ process took 304 s, 63 s in batches of 100; ``benchmarks/provenance_links.py``).
   Link labels are unique because they are the flattened port names; the remaining rules (source is ``Data``, same
   storage backend, valid label, the process node is not sealed) are checked per link, in constant time.
 * Outputs: the labels already linked are read once per call; each new output of a calculation gets its ``CREATE``
-  link checked the same way. Anything unusual (a stored output of a calculation, an unstored output of a workflow) goes
-  through aiida-core's own :meth:`~aiida.orm.nodes.links.NodeLinks.add_incoming`, which raises as it always does.
+  link checked the same way, each node a workflow returns its ``RETURN`` link in one bulk insert, all in one
+  transaction (aiida-core commits after each, and a commit expires every node loaded in the session). Anything
+  unusual (a stored output of a calculation, an unstored output of a workflow) goes through aiida-core's own
+  :meth:`~aiida.orm.nodes.links.NodeLinks.add_incoming`, which raises as it always does.
 
 Use :func:`calcfunction` (a drop-in for :func:`aiida.engine.calcfunction`) for process functions, and :class:`BulkLinks`
 as the first base class of a ``WorkChain``.
@@ -22,10 +24,12 @@ as the first base class of a ``WorkChain``.
 
 from __future__ import annotations
 
+import contextlib
 import typing as t
 
 from aiida import engine, orm
 from aiida.common.links import LinkType, validate_link_label
+from aiida.orm.entities import EntityTypes
 from aiida.orm.utils.links import LinkTriple
 
 __all__ = ('BulkLinks', 'calcfunction')
@@ -65,7 +69,11 @@ class BulkLinks:
             labels.add(label)
 
     def update_outputs(self) -> None:
-        """Attach the outputs added since the last call; same links and rules as ``Process.update_outputs``."""
+        """Attach the outputs added since the last call; same links and rules as ``Process.update_outputs``.
+
+        Everything happens in one storage transaction, committed once: outputs are stored together or not at all, and
+        the returned nodes of a workflow get their links in one bulk insert.
+        """
         if self.metadata.store_provenance is False:  # type: ignore[attr-defined]
             return
         node = self.node
@@ -75,21 +83,29 @@ class BulkLinks:
             if node.is_stored
             else ()
         )
-        for label, output in self._flat_outputs().items():  # type: ignore[attr-defined]
-            if label in linked:
-                continue
-            if _is_plain_output(output, link_type):
-                validate_link_label(label)
-                node.base.links.validate_outgoing(output, link_type, label)
-                if link_type is LinkType.CREATE:
-                    output.base.links.incoming_cache.append(LinkTriple(node, link_type, label))
-                    output.store()
+        returned: list[dict[str, t.Any]] = []
+        # aiida-core's nested transaction commits the outer one, which closes it under its owner: open one only if none.
+        backend = node.backend
+        with contextlib.nullcontext() if backend.in_transaction else backend.transaction():
+            for label, output in self._flat_outputs().items():  # type: ignore[attr-defined]
+                if label in linked:
+                    continue
+                if _is_plain_output(output, link_type):
+                    validate_link_label(label)
+                    node.base.links.validate_outgoing(output, link_type, label)
+                    if link_type is LinkType.CREATE:
+                        output.base.links.incoming_cache.append(LinkTriple(node, link_type, label))
+                        output.store()
+                    else:
+                        returned.append(
+                            {'input_id': node.pk, 'output_id': output.pk, 'label': label, 'type': link_type.value}
+                        )
                 else:
-                    output.backend_entity.add_incoming(node.backend_entity, link_type, label)
-            else:
-                output.base.links.add_incoming(node, link_type, label)
-                output.store()
-            linked.add(label)
+                    output.base.links.add_incoming(node, link_type, label)
+                    output.store()
+                linked.add(label)
+            if returned:
+                backend.bulk_insert(EntityTypes.LINK, returned)
 
 
 def _check_input_link(source: t.Any, target: orm.ProcessNode, link_type: LinkType, label: str, labels: set) -> None:

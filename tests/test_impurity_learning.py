@@ -50,6 +50,18 @@ def finished(finished_pk):
 
 
 class TestSyntheticRun:
+    def test_ready_clusters_find_their_hosts(self, finished):
+        """From the clusters of a run, the host lattice targets come out as from the embeddings: hosts read back from
+        the graph (each cluster's creator input ``hosts__<key>``), in row order."""
+        clusters = clusters_of(finished)
+        _, node = run_get_node(ImpurityLearningWorkChain.get_builder_from_clusters(clusters, descriptor=SMALL_SOAP))
+        assert node.is_finished_ok, node.exit_message
+        expected = finished.outputs.targets.get_array('targets')
+        assert node.outputs.targets.get_array('targets').tolist() == expected.tolist()
+        groups = node.outputs.groups.get_array('groups')
+        assert groups.tolist() == finished.outputs.groups.get_array('groups').tolist()
+        assert len(set(groups.tolist())) > 1
+
     def test_outputs(self, finished, synthetic_embeddings):
         outputs = finished.outputs
         assert len(outputs.clusters) == 48
@@ -159,7 +171,8 @@ class TestSyntheticRun:
 
 def clusters_of(run: orm.WorkChainNode) -> list[orm.StructureData]:
     """The clusters of a finished run, in row order."""
-    return [run.outputs.clusters[key] for key in sorted(run.outputs.clusters)]
+    outputs = run.outputs.clusters
+    return [outputs[key] for key in sorted(outputs)]
 
 
 def _provenance_uuids(workchain: orm.WorkChainNode) -> set[str]:

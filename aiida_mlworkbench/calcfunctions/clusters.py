@@ -17,6 +17,7 @@ import typing as t
 
 import ase
 from aiida import orm
+from aiida.common.links import LinkType
 from aiida.engine import ExitCode
 from aiida.manage import get_manager
 
@@ -36,6 +37,7 @@ __all__ = (
     'EXTRA_ZIMP',
     'build_impurity_clusters',
     'cluster_structure',
+    'hosts_of_clusters',
     'impurity_cluster_structure',
     'impurity_cluster_structures',
     'structure_from_atoms',
@@ -269,3 +271,61 @@ def build_impurity_clusters(
             raise RuntimeError(f'{process} failed: {process.exit_message}')
         clusters.extend(outputs['clusters'][key] for key in keys)
     return clusters
+
+
+def hosts_of_clusters(clusters: collections.abc.Sequence[orm.StructureData]) -> list[orm.StructureData | None]:
+    """Return the host crystal each cluster was built from, read from the provenance graph, in the order given.
+
+    The host is the input of the cluster's creator whose link label matches the cluster's: ``host`` for ``result`` of
+    :func:`impurity_cluster_structure`, ``hosts__<key>`` for ``clusters__<key>`` of
+    :func:`impurity_cluster_structures`.
+    ``None`` for a cluster not made by either. Two queries, whatever the number of clusters.
+    """
+    pks = [cluster.pk for cluster in clusters]
+    created: dict[int, tuple[int, str]] = {}
+    for start in range(0, len(pks), 1000):
+        query = orm.QueryBuilder()
+        query.append(orm.StructureData, filters={'id': {'in': pks[start : start + 1000]}}, project=['id'], tag='c')
+        query.append(
+            orm.CalcFunctionNode,
+            with_outgoing='c',
+            edge_filters={'type': LinkType.CREATE.value},
+            edge_project=['label'],
+            edge_tag='created',
+            project=['id'],
+            tag='creator',
+        )
+        for row in query.iterdict():
+            created[row['c']['id']] = (row['creator']['id'], row['created']['label'])
+
+    creators = sorted({creator for creator, _ in created.values()})
+    host_of_input: dict[tuple[int, str], orm.StructureData] = {}
+    for start in range(0, len(creators), 1000):
+        query = orm.QueryBuilder()
+        query.append(
+            orm.CalcFunctionNode, filters={'id': {'in': creators[start : start + 1000]}}, project=['id'], tag='creator'
+        )
+        query.append(
+            orm.StructureData,
+            with_outgoing='creator',
+            edge_filters={'type': LinkType.INPUT_CALC.value},
+            edge_project=['label'],
+            edge_tag='input',
+            project=['*'],
+            tag='host',
+        )
+        for row in query.iterdict():
+            host_of_input[(row['creator']['id'], row['input']['label'])] = row['host']['*']
+
+    hosts: list[orm.StructureData | None] = []
+    for pk in pks:
+        creator_pk, label = created.get(pk, (None, ''))
+        if label == 'result':
+            host_label = 'host'
+        elif label.startswith('clusters__'):
+            host_label = f'hosts__{label.removeprefix("clusters__")}'
+        else:
+            hosts.append(None)
+            continue
+        hosts.append(host_of_input.get((creator_pk, host_label)))
+    return hosts

@@ -13,10 +13,12 @@ import typing as t
 from collections.abc import Iterator, Sequence
 
 from aiida import orm
-from aiida.engine import ExitCode, calcfunction
+from aiida.engine import ExitCode
 
+from aiida_mlworkbench.bulk_links import calcfunction
 from aiida_mlworkbench.data import SparseFeatureMatrix
 from aiida_mlworkbench.descriptors import DEFAULT_BLOCK_SIZE, StructureNotDescribableError, get_descriptor
+from aiida_mlworkbench.progress import progress
 
 __all__ = (
     'EXIT_CODES',
@@ -91,8 +93,13 @@ def featurize(descriptor: orm.Dict, **structures: orm.StructureData) -> SparseFe
     except ValueError as exception:
         return EXIT_CODES['species_outside_list'].format(detail=str(exception))
 
-    return SparseFeatureMatrix.from_blocks(
+    blocks = progress(
         featurizer.iter_blocks(atoms, block_size=DEFAULT_BLOCK_SIZE),
+        total=-(-len(atoms) // DEFAULT_BLOCK_SIZE),
+        description=f'featurizing {len(atoms)} structures ({featurizer.name})',
+    )
+    return SparseFeatureMatrix.from_blocks(
+        blocks,
         featurizer.n_features,
         descriptor=featurizer.parameters,
         dtype=getattr(featurizer, 'dtype', 'float64'),

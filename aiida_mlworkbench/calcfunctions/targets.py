@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 from aiida import orm
-from aiida.engine import ExitCode, calcfunction
+from aiida.engine import ExitCode
 
+from aiida_mlworkbench.bulk_links import calcfunction
 from aiida_mlworkbench.calcfunctions.lattice import DEFAULT_SYMPREC, classify_lattice
 
 __all__ = ('EXIT_CODES', 'host_lattice_targets', 'targets_from_values')

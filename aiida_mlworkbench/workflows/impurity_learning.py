@@ -11,8 +11,14 @@ from collections.abc import Iterable, Mapping
 
 from aiida import orm
 from aiida.engine import ExitCode, ProcessBuilder, WorkChain, if_
+from aiida.manage import get_manager
 
-from aiida_mlworkbench.calcfunctions.clusters import DEFAULT_BATCH_SIZE, impurity_cluster_structures
+from aiida_mlworkbench.bulk_links import BulkLinks
+from aiida_mlworkbench.calcfunctions.clusters import (
+    DEFAULT_BATCH_SIZE,
+    hosts_of_clusters,
+    impurity_cluster_structures,
+)
 from aiida_mlworkbench.calcfunctions.featurize import featurization_jobs, featurize, row_label
 from aiida_mlworkbench.calcfunctions.score import score_model
 from aiida_mlworkbench.calcfunctions.split import split_rows
@@ -90,13 +96,16 @@ def validate_inputs(inputs: Mapping[str, t.Any], _: t.Any) -> str | None:
     return None
 
 
-class ImpurityLearningWorkChain(WorkChain):
+class ImpurityLearningWorkChain(BulkLinks, WorkChain):
     """Learn a property of impurity clusters (by default the host lattice type) with every step recorded.
 
     Takes the impurity embeddings as aiida-kkr stored them (the host ``StructureData`` and ``impurity_info`` ``Dict``
     nodes, see :meth:`get_builder_from_kkr`) or ready cluster structures, and runs cluster extraction,
     featurization, targets, a train/test split, training and scoring, each as a calcfunction whose outputs are
     exposed by the work chain.
+
+    Thousands of embeddings are thousands of input links: the work chain and its calcfunctions attach them with
+    :class:`~aiida_mlworkbench.bulk_links.BulkLinks`, in time linear in their number.
     """
 
     @classmethod
@@ -218,9 +227,11 @@ class ImpurityLearningWorkChain(WorkChain):
             units = {key: rcut_units[key] for key in batch if key in rcut_units}
             if units:
                 inputs['rcut_units'] = units
-            outputs, process = impurity_cluster_structures.run_get_node(
-                **inputs, metadata={'call_link_label': 'impurity_clusters'}
-            )
+            # One transaction per batch: the clusters are flushed together instead of committed one by one.
+            with get_manager().get_profile_storage().transaction():
+                outputs, process = impurity_cluster_structures.run_get_node(
+                    **inputs, metadata={'call_link_label': 'impurity_clusters'}
+                )
             if not process.is_finished_ok:
                 return self.exit_codes.ERROR_CLUSTER_EXTRACTION.format(message=process.exit_message)
             clusters.update(outputs['clusters'])
@@ -263,8 +274,12 @@ class ImpurityLearningWorkChain(WorkChain):
         hosts: dict[str, orm.StructureData] = {}
         label_of_host: dict[str, str] = {}
         rows: list[str] = []
-        for key in keys:
-            host = self._host_of(key, clusters[key])
+        if 'cluster_keys' in self.ctx:
+            # The embeddings name the hosts; clusters given ready-made name them through their creators' inputs.
+            known_hosts = [self.inputs.embeddings.hosts[key] for key in keys]
+        else:
+            known_hosts = hosts_of_clusters([clusters[key] for key in keys])
+        for key, host in zip(keys, known_hosts, strict=True):
             if host is None:
                 return self.exit_codes.ERROR_NO_HOST.format(
                     key=key,
@@ -286,26 +301,6 @@ class ImpurityLearningWorkChain(WorkChain):
         self.out('targets', outputs['targets'])
         self.out('groups', outputs['groups'])
         return None
-
-    def _host_of(self, key: str, cluster: orm.StructureData) -> orm.StructureData | None:
-        """The host crystal of a cluster: from the embeddings, or from the inputs of the process that made it."""
-        if 'embeddings' in self.inputs and key in self.inputs.embeddings.get('hosts', {}):
-            return self.inputs.embeddings.hosts[key]
-        creator = cluster.creator
-        if creator is None:
-            return None
-        outgoing = creator.base.links.get_outgoing(node_class=orm.StructureData).all()
-        label = next((link.link_label for link in outgoing if link.node.uuid == cluster.uuid), None)
-        if label is None:
-            return None
-        if label == 'result':
-            host_label = 'host'
-        elif label.startswith('clusters__'):
-            host_label = f'hosts__{label.removeprefix("clusters__")}'
-        else:
-            return None
-        incoming = creator.base.links.get_incoming(node_class=orm.StructureData, link_label_filter=host_label).all()
-        return incoming[0].node if incoming else None
 
     def split_rows(self) -> ExitCode | None:
         settings = {**DEFAULT_SPLIT, **self.inputs.split.get_dict()}
