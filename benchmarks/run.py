@@ -149,13 +149,12 @@ def register(case: Case) -> Case:
 class Context:
     """What the cases share: the mode, the work folder, the throw-away AiiDA profile and the setup already done."""
 
-    def __init__(self, quick: bool, workdir: pathlib.Path, timeout: float | None, verbose: bool) -> None:
+    def __init__(self, quick: bool, workdir: pathlib.Path, timeout: float | None) -> None:
         self.quick = quick
         self.plain_jobs = PLAIN_JOBS
         self.package_jobs = PACKAGE_JOBS
         self.workdir = workdir
         self.timeout = timeout
-        self.verbose = verbose
         self.aiida_path = workdir / 'aiida'
         self.setup_results: list[Result] = []
         self._done: dict[tuple[str, int], Result] = {}
@@ -925,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     targets: list[Target] = []
     try:
-        context = Context(args.quick, workdir, args.timeout, verbose=True)
+        context = Context(args.quick, workdir, args.timeout)
         context.plain_jobs, context.package_jobs = args.plain_jobs, tuple(args.package_jobs)
         for case in cases:
             say(f'{case.name}: {case.description}')
