@@ -30,30 +30,14 @@ def kkr_archives(kkr_archives_dir: pathlib.Path, tmp_path_factory: pytest.TempPa
     """Import every shared aiida-kkr archive into the test profile (once per module) and return the import groups.
 
     The ``*-nodes-*.tar.gz`` files are zip archives despite their names; the gzip'd ``export_*`` files are old formats,
-    migrated to a temporary copy first as ``verdi archive import`` does. Nodes already present are skipped, so a second
-    module importing them again gets the same nodes.
+    which :func:`~aiida_mlworkbench.kkr.import_archives` migrates to a temporary copy first. Nodes already present are
+    skipped, so a second module importing them again gets the same nodes.
     """
-    from aiida.common.exceptions import IncompatibleStorageSchema
-    from aiida.tools.archive import import_archive
-    from aiida.tools.archive.abstract import get_format
+    from aiida_mlworkbench.kkr.archives import import_archives
 
     paths = sorted({path for pattern in ARCHIVE_PATTERNS for path in kkr_archives_dir.glob(pattern)})
     assert len(paths) == N_ARCHIVES, f'expected {N_ARCHIVES} archives in {kkr_archives_dir}, found {len(paths)}'
-    groups = {}
-    migrated = tmp_path_factory.mktemp('migrated_archives')
-    for path in paths:
-        try:
-            group = import_archive(path, import_new_extras=False)
-        except IncompatibleStorageSchema:
-            # Old archive formats are migrated to a copy first, as ``verdi archive import`` does.
-            archive_format = get_format()
-            copy = migrated / f'{path.name}.aiida'
-            if not copy.exists():
-                archive_format.migrate(path, copy, archive_format.latest_version, force=True, compression=0)
-            group = import_archive(copy, import_new_extras=False)
-        assert group is not None, f'importing {path.name} gave no import group'
-        groups[path.name] = group if isinstance(group, orm.Group) else orm.load_group(group)
-    return groups
+    return {path.name: group for path, group in zip(paths, import_archives(paths), strict=True)}
 
 
 def impurity_process_nodes() -> list[orm.ProcessNode]:

@@ -1,5 +1,6 @@
 """aiida-kkr impurity embeddings: find them from provenance and rebuild the impurity clusters juKKR used."""
 
+from .archives import import_archives
 from .embeddings import (
     ImpurityEmbedding,
     ImpurityEmbeddingError,
@@ -20,6 +21,7 @@ __all__ = (
     'ResolvedEmbeddings',
     'SkippedNode',
     'host_alat',
+    'import_archives',
     'impurity_cluster',
     'parse_impurity_info',
     'rcut_unit_of_process',

@@ -1,0 +1,47 @@
+"""Import aiida-kkr export archives of any age into the loaded profile, as ``verdi archive import`` does.
+
+Impurity databases are shared as AiiDA archives, some written by aiida-core 0.x/1.x: those are migrated to a temporary
+copy first, then imported. Nodes already in the profile are not duplicated, so importing twice is harmless.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tempfile
+from collections.abc import Iterable
+
+from aiida import orm
+
+__all__ = ('import_archives',)
+
+
+def import_archives(paths: Iterable[str | pathlib.Path], group: orm.Group | None = None) -> list[orm.Group]:
+    """Import each archive (migrating old formats to a temporary copy) and return the import group of each.
+
+    :param paths: archive files (``.aiida``, and the zip or gzip'd tar files of older aiida-core versions).
+    :param group: also add every imported node to this group.
+    :raises FileNotFoundError: naming the file, if one does not exist.
+    """
+    from aiida.common.exceptions import IncompatibleStorageSchema
+    from aiida.tools.archive import import_archive
+    from aiida.tools.archive.abstract import get_format
+
+    paths = [pathlib.Path(path) for path in paths]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f'archive file(s) not found: {", ".join(missing)}')
+
+    groups = []
+    with tempfile.TemporaryDirectory(prefix='mlworkbench-archives-') as folder:
+        for path in paths:
+            try:
+                imported = import_archive(path, group=group, import_new_extras=False)
+            except IncompatibleStorageSchema:
+                archive_format = get_format()
+                copy = pathlib.Path(folder) / f'{path.name}.aiida'
+                archive_format.migrate(path, copy, archive_format.latest_version, force=True, compression=0)
+                imported = import_archive(copy, group=group, import_new_extras=False)
+            if imported is None:
+                raise RuntimeError(f'importing {path} gave no import group')
+            groups.append(imported if isinstance(imported, orm.Group) else orm.load_group(imported))
+    return groups

@@ -1,0 +1,86 @@
+"""Learn from real aiida-kkr nodes end to end: the test archives of aiida-kkr, imported into your profile.
+
+The archives in ``../shared/data/aiida-kkr-archives/`` next to the repository (run from the repository root), or the
+folder given with ``--archives``, hold real juKKR impurity runs of every kind aiida-kkr has, from 2018 to today: KkrimpCalculation, host Green function write-outs,
+kkr_imp_wc, kkr_imp_sub_wc, kkr_flex_wc, kkr_imp_dos_wc and kkr_STM_wc, in fcc Cu and in Bi2Te3. This script
+
+1. imports them into a group (nodes already in the profile are not duplicated);
+2. resolves the impurity embeddings, (host, impurity_info) pairs, from the provenance graph alone;
+3. runs the ImpurityLearningWorkChain on them: clusters as juKKR cut them, SOAP features, host lattice targets,
+   a split, a linear SVM and its score (a handful of embeddings: the point is the graph, not the accuracy);
+4. walks the graph back from the trained model to the aiida-kkr calculations whose impurities it learned from.
+
+Run with ``verdi run examples/kkr_archives.py [--archives FOLDER]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+
+from aiida import orm
+from aiida.engine import run_get_node
+
+from aiida_mlworkbench.data import TrainedModel
+from aiida_mlworkbench.kkr import import_archives, resolve_impurity_embeddings
+from aiida_mlworkbench.workflows import ImpurityLearningWorkChain
+
+# ``verdi run`` sets ``__file__`` to the bare file name, so the default is relative to where you run it: the repository.
+ARCHIVES = pathlib.Path('..', 'shared', 'data', 'aiida-kkr-archives')
+GROUP_LABEL = 'mlworkbench/examples/aiida-kkr-archives'
+DESCRIPTOR = {'name': 'soap', 'r_cut': 6.0, 'n_max': 4, 'l_max': 4, 'sigma': 1.0, 'average': 'inner'}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--archives', type=pathlib.Path, default=ARCHIVES, help='folder of aiida-kkr archives')
+    arguments = parser.parse_args()
+
+    paths = sorted({*arguments.archives.glob('*.aiida'), *arguments.archives.glob('*.tar.gz')})
+    if not paths:
+        raise SystemExit(f'no aiida-kkr archives (*.aiida, *.tar.gz) in {arguments.archives}: pass --archives FOLDER')
+    group, _ = orm.Group.collection.get_or_create(GROUP_LABEL)
+    if not group.count():
+        import_archives(paths, group=group)
+    print(f'{len(paths)} archives in group {group.label!r}: {group.count()} nodes')
+
+    resolved = resolve_impurity_embeddings(group, skip_invalid=True)
+    hosts = collections.Counter(embedding.host.get_formula() for embedding in resolved)
+    print(f'{len(resolved)} impurity embeddings (hosts: {dict(hosts)}), {len(resolved.skipped)} nodes skipped')
+
+    builder = ImpurityLearningWorkChain.get_builder_from_embeddings(
+        resolved,
+        descriptor=DESCRIPTOR,
+        split={'test_fraction': 0.5, 'seed': 0, 'stratify': False},
+        estimator={'estimator': 'SVC', 'parameters': {'kernel': 'linear'}},
+    )
+    _, run = run_get_node(builder)
+    if not run.is_finished_ok:
+        raise SystemExit(f'{run.process_label}<{run.pk}> failed: {run.exit_message}')
+    metrics = run.outputs.metrics.get_dict()
+    print(f'work chain <{run.pk}>: {metrics["n_test"]} test rows, accuracy {metrics["accuracy"]:.3f}')
+
+    query = orm.QueryBuilder()
+    query.append(TrainedModel, filters={'id': run.outputs.model.pk}, tag='model')
+    query.append(orm.WorkChainNode, with_outgoing='model', tag='run')
+    query.append(
+        orm.Dict,
+        with_outgoing='run',
+        edge_filters={'label': {'like': 'embeddings__impurity_infos__%'}},
+        tag='impurity_info',
+    )
+    query.append(
+        orm.ProcessNode,
+        with_incoming='impurity_info',
+        filters={'process_type': {'like': 'aiida%kkr%'}},
+        project=['id', 'attributes.process_label'],
+    )
+    found = sorted({(pk, label) for pk, label in query.all()})
+    print(f'the model learned from impurities of {len(found)} aiida-kkr processes:')
+    for label, count in collections.Counter(label for _, label in found).most_common():
+        print(f'  {count:3d} x {label}')
+    print(f'inspect it with: verdi process show {run.pk}   |   verdi node graph generate {run.pk}')
+
+
+main()
