@@ -1,8 +1,9 @@
 """Learn from real aiida-kkr nodes end to end: the test archives of aiida-kkr, imported into your profile.
 
 The archives in ``../shared/data/aiida-kkr-archives/`` next to the repository (run from the repository root), or the
-folder given with ``--archives``, hold real juKKR impurity runs of every kind aiida-kkr has, from 2018 to today: KkrimpCalculation, host Green function write-outs,
-kkr_imp_wc, kkr_imp_sub_wc, kkr_flex_wc, kkr_imp_dos_wc and kkr_STM_wc, in fcc Cu and in Bi2Te3. This script
+folder given with ``--archives``, hold real juKKR impurity runs of every kind aiida-kkr has, from 2018 to today:
+KkrimpCalculation, host Green function write-outs, kkr_imp_wc, kkr_imp_sub_wc, kkr_flex_wc, kkr_imp_dos_wc and
+kkr_STM_wc, in fcc Cu and in Bi2Te3. This script
 
 1. imports them into a group (nodes already in the profile are not duplicated);
 2. resolves the impurity embeddings, (host, impurity_info) pairs, from the provenance graph alone;
