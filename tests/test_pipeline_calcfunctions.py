@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ase.build
 import numpy as np
 import pytest
 import scipy.sparse
@@ -10,7 +11,13 @@ from aiida.manage.caching import enable_caching
 from dscribe.descriptors import SOAP
 
 from aiida_mlworkbench.calcfunctions.clusters import build_impurity_clusters
-from aiida_mlworkbench.calcfunctions.featurize import featurize, featurize_structures, get_row_structures, row_label
+from aiida_mlworkbench.calcfunctions.featurize import (
+    featurize,
+    featurize_structures,
+    get_row_structures,
+    row_label,
+    structures_as_atoms,
+)
 from aiida_mlworkbench.calcfunctions.score import score_model
 from aiida_mlworkbench.calcfunctions.split import split_rows
 from aiida_mlworkbench.calcfunctions.targets import host_lattice_targets, targets_from_values
@@ -59,6 +66,22 @@ def array(values, name='targets') -> orm.ArrayData:
 
 
 class TestFeaturize:
+    def test_structures_as_atoms_equals_get_ase(self, clusters):
+        """The bulk reader gives get_ase()'s numbers, positions, cell and pbc, for stored, unstored and periodic
+        structures, and leaves alloy sites to get_ase()."""
+        bulk_cu = orm.StructureData(ase=ase.build.bulk('Cu', 'fcc', a=3.61) * (2, 1, 1))
+        alloy = orm.StructureData(cell=np.eye(3) * 3.0)
+        alloy.append_atom(position=(0, 0, 0), symbols=('Cu', 'Au'), weights=(0.5, 0.5), name='CuAu')
+        structures = [*clusters[:10], bulk_cu, bulk_cu.clone().store()]
+        for got, node in zip(structures_as_atoms(structures), structures, strict=True):
+            expected = node.get_ase()
+            assert got.get_chemical_symbols() == expected.get_chemical_symbols()
+            np.testing.assert_array_equal(got.positions, expected.positions)
+            np.testing.assert_array_equal(got.cell.array, expected.cell.array)
+            assert got.pbc.tolist() == expected.pbc.tolist()
+        with pytest.raises(ValueError, match='alloy'):
+            structures_as_atoms([alloy])
+
     def test_equals_dscribe_full_species_soap(self, clusters, features):
         """The species-aware SOAP stored in the matrix equals DScribe's own SOAP over the whole species list."""
         atoms = [cluster.get_ase() for cluster in clusters]

@@ -12,6 +12,7 @@ import contextvars
 import typing as t
 from collections.abc import Iterator, Sequence
 
+import ase
 from aiida import orm
 from aiida.engine import ExitCode
 
@@ -28,6 +29,7 @@ __all__ = (
     'featurize_structures',
     'get_row_structures',
     'row_label',
+    'structures_as_atoms',
 )
 
 ROW_LABEL_PREFIX = 'row_'
@@ -83,7 +85,7 @@ def featurize(descriptor: orm.Dict, **structures: orm.StructureData) -> SparseFe
     if hasattr(featurizer, 'n_jobs'):
         featurizer.n_jobs = _JOBS.get()
 
-    atoms = [structures[label].get_ase() for label in labels]
+    atoms = structures_as_atoms([structures[label] for label in labels])
     try:
         featurizer.fit(atoms)
     except StructureNotDescribableError as exception:
@@ -104,6 +106,45 @@ def featurize(descriptor: orm.Dict, **structures: orm.StructureData) -> SparseFe
         descriptor=featurizer.parameters,
         dtype=getattr(featurizer, 'dtype', 'float64'),
     )
+
+
+def structures_as_atoms(structures: Sequence[orm.StructureData]) -> list[ase.Atoms]:
+    """Return ``[structure.get_ase() for structure in structures]``: numbers, positions, cell and pbc, fast.
+
+    ``get_ase`` on a stored node re-reads its attributes several times and builds the ``Atoms`` atom by atom (about
+    3 ms each, minutes for the 7100 clusters of a database); here the attributes of a thousand stored structures come
+    in one query. Sites of alloy or vacancy kinds, which are no single atom, go through ``get_ase`` and its error.
+    """
+    attributes: dict[int, dict[str, t.Any]] = {}
+    pks = sorted({node.pk for node in structures if node.is_stored})
+    for start in range(0, len(pks), 1000):
+        query = orm.QueryBuilder().append(
+            orm.StructureData, filters={'id': {'in': pks[start : start + 1000]}}, project=['id', 'attributes']
+        )
+        attributes.update(query.all())
+
+    atoms = []
+    for node in structures:
+        content = attributes[node.pk] if node.is_stored else node.base.attributes.all
+        symbol_of_kind = {
+            kind['name']: kind['symbols'][0]
+            for kind in content.get('kinds', [])
+            if len(kind['symbols']) == 1 and list(kind['weights']) == [1.0]
+        }
+        sites = content.get('sites', [])
+        if any(site['kind_name'] not in symbol_of_kind for site in sites):
+            atoms.append(node.get_ase())
+            continue
+        pbc = [content.get('pbc1', True), content.get('pbc2', True), content.get('pbc3', True)]
+        atoms.append(
+            ase.Atoms(
+                symbols=[symbol_of_kind[site['kind_name']] for site in sites],
+                positions=[site['position'] for site in sites],
+                cell=content['cell'],
+                pbc=pbc,
+            )
+        )
+    return atoms
 
 
 def featurize_structures(
