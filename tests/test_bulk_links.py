@@ -7,6 +7,7 @@ from aiida import engine, orm
 from aiida.common.links import LinkType
 
 from aiida_mlworkbench import bulk_links
+from aiida_mlworkbench.checkpoints import CompactCheckpoints
 
 
 def _echo(**namespaces):
@@ -114,3 +115,38 @@ def test_returning_an_input_is_refused_as_aiida_core_refuses_it():
             decorator(_return_input)(n={'a': node})
         errors.append(str(info.value))
     assert errors[1] == errors[0]
+
+
+class CompactReturn(CompactCheckpoints, BulkReturn):
+    """The bulk work chain with compact checkpoints."""
+
+
+@pytest.mark.usefixtures('aiida_profile_clean')
+def test_compact_checkpoint_round_trip():
+    """A checkpoint lists the nodes as UUIDs and restores the same inputs and outputs, namespaces still frozen."""
+    nodes = {f'k{index:03d}': orm.Int(index).store() for index in range(25)}
+    extra = orm.Str('x').store()
+    process = CompactReturn(inputs={'nodes': nodes, 'extra': extra})
+    encoded = process.encode_input_args(process.inputs)
+    assert len(encoded) < 200 * len(nodes)
+    assert all(node.uuid in encoded for node in nodes.values())
+    decoded = process.decode_input_args(encoded)
+    assert decoded['extra'].uuid == extra.uuid
+    assert {key: node.uuid for key, node in decoded['nodes'].items()} == {key: n.uuid for key, n in nodes.items()}
+    assert type(decoded['nodes']) is type(process.inputs['nodes'])
+    # A checkpoint written the aiida-core way still loads.
+    plain = PlainReturn(inputs={'nodes': nodes, 'extra': extra}).encode_input_args({'nodes': nodes})
+    assert {key: node.pk for key, node in process.decode_input_args(plain)['nodes'].items()} == {
+        key: node.pk for key, node in nodes.items()
+    }
+
+
+@pytest.mark.usefixtures('aiida_profile_clean')
+def test_compact_checkpoint_names_missing_nodes():
+    node = orm.Int(1).store()
+    process = CompactReturn(inputs={'nodes': {'a': node}})
+    encoded = process.encode_input_args({'nodes': {'a': node}}).replace(
+        node.uuid, '00000000-0000-4000-8000-000000000000'
+    )
+    with pytest.raises(ValueError, match='not in the profile'):
+        process.decode_input_args(encoded)

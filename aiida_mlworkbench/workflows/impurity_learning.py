@@ -24,6 +24,7 @@ from aiida_mlworkbench.calcfunctions.score import score_model
 from aiida_mlworkbench.calcfunctions.split import split_rows
 from aiida_mlworkbench.calcfunctions.targets import host_lattice_targets, targets_from_values
 from aiida_mlworkbench.calcfunctions.train import train_model
+from aiida_mlworkbench.checkpoints import CompactCheckpoints
 from aiida_mlworkbench.data import SparseFeatureMatrix, TrainedModel
 from aiida_mlworkbench.descriptors import get_descriptor
 from aiida_mlworkbench.estimators import validate_estimator_specification
@@ -96,7 +97,7 @@ def validate_inputs(inputs: Mapping[str, t.Any], _: t.Any) -> str | None:
     return None
 
 
-class ImpurityLearningWorkChain(BulkLinks, WorkChain):
+class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
     """Learn a property of impurity clusters (by default the host lattice type) with every step recorded.
 
     Takes the impurity embeddings as aiida-kkr stored them (the host ``StructureData`` and ``impurity_info`` ``Dict``
@@ -105,7 +106,8 @@ class ImpurityLearningWorkChain(BulkLinks, WorkChain):
     exposed by the work chain.
 
     Thousands of embeddings are thousands of input links: the work chain and its calcfunctions attach them with
-    :class:`~aiida_mlworkbench.bulk_links.BulkLinks`, in time linear in their number.
+    :class:`~aiida_mlworkbench.bulk_links.BulkLinks`, in time linear in their number, and its checkpoints list them as
+    UUIDs (:class:`~aiida_mlworkbench.checkpoints.CompactCheckpoints`).
     """
 
     @classmethod
@@ -236,12 +238,12 @@ class ImpurityLearningWorkChain(BulkLinks, WorkChain):
                 return self.exit_codes.ERROR_CLUSTER_EXTRACTION.format(message=process.exit_message)
             clusters.update(outputs['clusters'])
         self.out('clusters', clusters)
-        self.ctx.cluster_keys = keys
+        self.ctx.extracted = True  # a flag, not the keys: the context is written into every checkpoint
         return None
 
     def _clusters(self) -> tuple[list[str], Mapping[str, orm.StructureData]]:
-        if 'cluster_keys' in self.ctx:
-            return self.ctx.cluster_keys, self.outputs['clusters']
+        if self.ctx.get('extracted'):
+            return sorted(self.inputs.embeddings.hosts), self.outputs['clusters']
         return sorted(self.inputs.clusters), self.inputs.clusters
 
     def featurize(self) -> ExitCode | None:
@@ -274,7 +276,7 @@ class ImpurityLearningWorkChain(BulkLinks, WorkChain):
         hosts: dict[str, orm.StructureData] = {}
         label_of_host: dict[str, str] = {}
         rows: list[str] = []
-        if 'cluster_keys' in self.ctx:
+        if self.ctx.get('extracted'):
             # The embeddings name the hosts; clusters given ready-made name them through their creators' inputs.
             known_hosts = [self.inputs.embeddings.hosts[key] for key in keys]
         else:
