@@ -169,7 +169,7 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
             valid_type=orm.Dict,
             default=lambda: orm.Dict(DEFAULT_ESTIMATOR),
             validator=validate_estimator,
-            help='Estimator specification: estimator (allow-listed name), parameters, scaler, kernel.',
+            help='Estimator specification: estimator (allow-listed name), parameters, scaler, kernel, training.',
         )
         spec.input(
             'n_jobs',
