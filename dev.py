@@ -79,6 +79,8 @@ def command_demo(arguments: argparse.Namespace) -> None:
     env, profile = demo_environment(arguments.profile)
     say(f'running {DEMO_SCRIPT.relative_to(ROOT)} on profile {profile}')
     run(BIN / 'verdi', '-p', profile, 'run', DEMO_SCRIPT, *arguments.script_args, env=env)
+    prefix = '' if arguments.profile else f'AIIDA_PATH={DEMO_AIIDA_PATH} '
+    say(f'the runs are in profile {profile}: {prefix}{BIN / "verdi"} -p {profile} process list -a')
 
 
 def postgres_reachable(host: str = '127.0.0.1', port: int = 5432) -> bool:
