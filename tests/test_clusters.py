@@ -16,7 +16,9 @@ from aiida_mlworkbench.calcfunctions.clusters import (
     EXTRA_N_ATOMS,
     EXTRA_ZIMP,
     build_impurity_clusters,
+    hosts_of_clusters,
     impurity_cluster_structure,
+    impurity_cluster_structures,
     structure_from_atoms,
 )
 from aiida_mlworkbench.kkr import (
@@ -184,8 +186,8 @@ def test_single_calcfunction_links_and_extras():
 
 
 def test_batched_clusters_link_each_pair_to_its_cluster():
-    """In a batch, the cluster ``clusters.<key>`` is created by the process that took ``hosts.<key>`` and
-    ``impurity_infos.<key>``, and equals the cluster built alone."""
+    """In a batch, the cluster ``clusters.<key>`` is created by the process that took ``impurity_infos.<key>`` and its
+    host, linked once per batch and named for each key by ``host_of``; it equals the cluster built alone."""
     hosts = [_cu_host().store(), orm.StructureData(ase=bulk('Fe', 'bcc', a=2.87)).store()]
     pairs = [(hosts[i % 2], orm.Dict({'Rcut': 3.7, 'Zimp': [20 + i]}).store()) for i in range(5)]
     clusters = build_impurity_clusters(pairs, batch_size=2)
@@ -195,10 +197,28 @@ def test_batched_clusters_link_each_pair_to_its_cluster():
     for (host, info), cluster in zip(pairs, clusters, strict=True):
         label = cluster.base.links.get_incoming(link_type=LinkType.CREATE).one().link_label
         key = label.removeprefix('clusters__')
-        inputs = {link.link_label: link.node.uuid for link in cluster.creator.base.links.get_incoming().all()}
-        assert inputs[f'hosts__{key}'] == host.uuid
-        assert inputs[f'impurity_infos__{key}'] == info.uuid
+        inputs = {link.link_label: link.node for link in cluster.creator.base.links.get_incoming().all()}
+        assert inputs[f'hosts__{inputs["host_of"][key]}'].uuid == host.uuid
+        assert inputs[f'impurity_infos__{key}'].uuid == info.uuid
         assert _pairs(cluster.get_ase()) == _pairs(impurity_cluster(host, info))
+    first_batch = clusters[0].creator.base.links.get_incoming().all_link_labels()
+    assert sorted(label for label in first_batch if label.startswith('hosts__')) == [
+        'hosts__host_0000',
+        'hosts__host_0001',
+    ]
+    assert [host.uuid for host in hosts_of_clusters(clusters)] == [host.uuid for host, _ in pairs]
+
+
+def test_batch_with_a_key_without_host_fails_before_anything_is_made():
+    """``host_of`` naming a host key that is not an input gives exit code 300 and no clusters."""
+    host = _cu_host().store()
+    info = orm.Dict({'Rcut': 3.7, 'Zimp': 26}).store()
+    _, node = impurity_cluster_structures.run_get_node(
+        hosts={'host_0000': host}, impurity_infos={'a': info}, host_of=orm.Dict({'a': 'host_0001'})
+    )
+    assert node.exit_status == 300
+    assert 'host_0001' in node.exit_message
+    assert not node.base.links.get_outgoing().all()
 
 
 def _aiida_kkr_processes_of(cluster: orm.StructureData) -> set[int]:

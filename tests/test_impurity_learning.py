@@ -52,7 +52,8 @@ def finished(finished_pk):
 class TestSyntheticRun:
     def test_ready_clusters_find_their_hosts(self, finished):
         """From the clusters of a run, the host lattice targets come out as from the embeddings: hosts read back from
-        the graph (each cluster's creator input ``hosts__<key>``), in row order."""
+        the graph (each cluster's creator input ``hosts__<host key>``, named by its input ``host_of``), in row
+        order."""
         clusters = clusters_of(finished)
         _, node = run_get_node(ImpurityLearningWorkChain.get_builder_from_clusters(clusters, descriptor=SMALL_SOAP))
         assert node.is_finished_ok, node.exit_message
@@ -82,10 +83,12 @@ class TestSyntheticRun:
 
     def test_rows_follow_the_embedding_order(self, finished, synthetic_embeddings):
         """Row i of the features is the cluster of embedding i, built from that embedding's host and impurity_info."""
+        from aiida_mlworkbench.calcfunctions.clusters import hosts_of_clusters
         from aiida_mlworkbench.calcfunctions.featurize import get_row_structures
 
         rows = get_row_structures(finished.outputs.features)
-        for row, (host, impurity_info) in zip(rows, synthetic_embeddings, strict=True):
+        found_hosts = hosts_of_clusters(rows)
+        for row, found_host, (host, impurity_info) in zip(rows, found_hosts, synthetic_embeddings, strict=True):
             creator = row.creator
             key = next(
                 link.link_label.removeprefix('clusters__')
@@ -93,7 +96,7 @@ class TestSyntheticRun:
                 if link.node.uuid == row.uuid
             )
             inputs = creator.base.links.get_incoming()
-            assert inputs.get_node_by_label(f'hosts__{key}').uuid == host.uuid
+            assert found_host.uuid == host.uuid
             assert inputs.get_node_by_label(f'impurity_infos__{key}').uuid == impurity_info.uuid
 
     def test_reports_a_user_can_follow(self, finished):

@@ -16,6 +16,7 @@ from aiida.manage import get_manager
 from aiida_mlworkbench.bulk_links import BulkLinks
 from aiida_mlworkbench.calcfunctions.clusters import (
     DEFAULT_BATCH_SIZE,
+    batch_inputs,
     hosts_of_clusters,
     impurity_cluster_structures,
 )
@@ -222,13 +223,12 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
         clusters: dict[str, orm.StructureData] = {}
         for start in range(0, len(keys), DEFAULT_BATCH_SIZE):
             batch = keys[start : start + DEFAULT_BATCH_SIZE]
-            inputs: dict[str, t.Any] = {
-                'hosts': {key: embeddings.hosts[key] for key in batch},
-                'impurity_infos': {key: embeddings.impurity_infos[key] for key in batch},
-            }
-            units = {key: rcut_units[key] for key in batch if key in rcut_units}
-            if units:
-                inputs['rcut_units'] = units
+            inputs = batch_inputs(
+                batch,
+                [embeddings.hosts[key] for key in batch],
+                [embeddings.impurity_infos[key] for key in batch],
+                [rcut_units.get(key) for key in batch],
+            )
             # One transaction per batch: the clusters are flushed together instead of committed one by one.
             with get_manager().get_profile_storage().transaction():
                 outputs, process = impurity_cluster_structures.run_get_node(
