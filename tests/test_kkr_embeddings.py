@@ -169,3 +169,12 @@ def test_group_input_skips_and_reports(caplog):
     with pytest.raises(ImpurityEmbeddingError):
         resolve_impurity_embeddings(group, skip_invalid=False)
     assert len(resolve_impurity_embeddings([voronoi, kkrimp], skip_invalid=True).skipped) == 1
+
+
+def test_import_archives_names_a_missing_file(tmp_path):
+    """A missing archive is named before anything is imported."""
+    from aiida_mlworkbench.kkr import import_archives
+
+    missing = tmp_path / 'nowhere.aiida'
+    with pytest.raises(FileNotFoundError, match=r'nowhere\.aiida'):
+        import_archives([missing])
