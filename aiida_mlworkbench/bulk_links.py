@@ -32,6 +32,8 @@ from aiida.common.links import LinkType, validate_link_label
 from aiida.orm.entities import EntityTypes
 from aiida.orm.utils.links import LinkTriple
 
+from aiida_mlworkbench.process_hashing import use_stored_input_hashes
+
 __all__ = ('BulkLinks', 'calcfunction')
 
 F = t.TypeVar('F', bound=t.Callable[..., t.Any])
@@ -57,6 +59,7 @@ class BulkLinks:
             return
         if node.is_stored or node.is_sealed:
             raise ValueError(f'{node} is already stored: input links can only be added to a new process node.')
+        use_stored_input_hashes(node)
 
         cache = node.base.links.incoming_cache
         labels = {triple.link_label for triple in cache}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from aiida import engine, orm
 from aiida.common.links import LinkType
@@ -123,13 +125,13 @@ class CompactReturn(CompactCheckpoints, BulkReturn):
 
 @pytest.mark.usefixtures('aiida_profile_clean')
 def test_compact_checkpoint_round_trip():
-    """A checkpoint lists the nodes as UUIDs and restores the same inputs and outputs, namespaces still frozen."""
+    """A checkpoint lists the nodes by pk and restores the same inputs and outputs, namespaces still frozen."""
     nodes = {f'k{index:03d}': orm.Int(index).store() for index in range(25)}
     extra = orm.Str('x').store()
     process = CompactReturn(inputs={'nodes': nodes, 'extra': extra})
     encoded = process.encode_input_args(process.inputs)
     assert len(encoded) < 200 * len(nodes)
-    assert all(node.uuid in encoded for node in nodes.values())
+    assert all(f": {node.pk}" in encoded for node in nodes.values())
     decoded = process.decode_input_args(encoded)
     assert decoded['extra'].uuid == extra.uuid
     assert {key: node.uuid for key, node in decoded['nodes'].items()} == {key: n.uuid for key, n in nodes.items()}
@@ -145,8 +147,22 @@ def test_compact_checkpoint_round_trip():
 def test_compact_checkpoint_names_missing_nodes():
     node = orm.Int(1).store()
     process = CompactReturn(inputs={'nodes': {'a': node}})
-    encoded = process.encode_input_args({'nodes': {'a': node}}).replace(
-        node.uuid, '00000000-0000-4000-8000-000000000000'
-    )
+    content = json.loads(process.encode_input_args({'nodes': {'a': node}}))
+    content['nodes'] = {path: {key: pk + 10**6 for key, pk in keys.items()} for path, keys in content['nodes'].items()}
     with pytest.raises(ValueError, match='not in the profile'):
-        process.decode_input_args(encoded)
+        process.decode_input_args(json.dumps(content))
+
+
+@pytest.mark.usefixtures('aiida_profile_clean')
+def test_compact_checkpoint_of_the_first_version_loads():
+    """A work chain checkpointed by the first version (nodes as UUIDs under their key paths) resumes after an update."""
+    nodes = {'a': orm.Int(1).store(), 'b': orm.Int(2).store()}
+    process = CompactReturn(inputs={'nodes': nodes})
+    content = json.loads(process.encode_input_args({'nodes': nodes}))
+    first_version = {
+        'format': 'mlworkbench-compact-checkpoint-v1',
+        'rest': content['rest'],
+        'nodes': {json.dumps(['nodes', key]): node.uuid for key, node in nodes.items()},
+    }
+    decoded = process.decode_input_args(json.dumps(first_version))
+    assert {key: node.pk for key, node in decoded['nodes'].items()} == {key: node.pk for key, node in nodes.items()}
