@@ -131,7 +131,7 @@ def test_compact_checkpoint_round_trip():
     process = CompactReturn(inputs={'nodes': nodes, 'extra': extra})
     encoded = process.encode_input_args(process.inputs)
     assert len(encoded) < 200 * len(nodes)
-    assert all(f": {node.pk}" in encoded for node in nodes.values())
+    assert all(f': {node.pk}' in encoded for node in nodes.values())
     decoded = process.decode_input_args(encoded)
     assert decoded['extra'].uuid == extra.uuid
     assert {key: node.uuid for key, node in decoded['nodes'].items()} == {key: n.uuid for key, n in nodes.items()}
