@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from aiida import orm
 from plumpy.utils import Frozendict
 
+from aiida_mlworkbench.node_ids import stored_pk
+
 __all__ = ('CompactCheckpoints',)
 
 _MARKER = 'mlworkbench-compact-checkpoint-v2'
@@ -95,7 +97,7 @@ def _strip_nodes(
 
 def _pk(node: orm.Node) -> int:
     """The pk of a stored node; the checkpoint of a stored process only holds stored nodes."""
-    pk = node.pk
+    pk = stored_pk(node)
     if pk is None:
         raise ValueError(f'{node!r} is not stored: a checkpoint can only name stored nodes')
     return pk

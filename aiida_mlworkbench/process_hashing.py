@@ -23,6 +23,9 @@ from aiida import orm
 from aiida.common.links import LinkType
 from aiida.orm.nodes.caching import NodeCaching
 from aiida.orm.nodes.process.process import ProcessNodeCaching
+from aiida.orm.utils.links import LinkTriple
+
+from aiida_mlworkbench.node_ids import stored_pk
 
 __all__ = ('StoredInputHashes', 'use_stored_input_hashes')
 
@@ -32,7 +35,15 @@ QUERY_CHUNK = 999
 
 
 class StoredInputHashes(ProcessNodeCaching):
-    """Caching interface of a process node that takes the hash of each input from its stored ``_aiida_hash`` extra."""
+    """Caching interface of a process node that takes the hash of each input from its stored ``_aiida_hash`` extra.
+
+    ``pending_inputs`` are input links that :class:`~aiida_mlworkbench.bulk_links.BulkLinks` inserts in bulk right
+    after the node is stored: they count as inputs, in the node's link cache or in the database, until then.
+    """
+
+    def __init__(self, node: orm.ProcessNode) -> None:
+        super().__init__(node)
+        self.pending_inputs: list[LinkTriple] = []
 
     def get_objects_to_hash(self) -> dict[str, t.Any]:
         """The objects of :meth:`aiida.orm.nodes.process.process.ProcessNodeCaching.get_objects_to_hash`."""
@@ -43,6 +54,8 @@ class StoredInputHashes(ProcessNodeCaching):
     def input_hashes(self) -> dict[str, str | None]:
         """Link label -> hash of each input, as aiida-core hashes them (``_hash_ignored_inputs`` left out)."""
         ignored = set(self._hash_ignored_inputs)
+        sources: dict[str, tuple[int | None, t.Any]] = {}
+        triples: list[LinkTriple] = []
         if self._node.is_stored:
             builder = orm.QueryBuilder(backend=self._node.backend)
             builder.append(orm.ProcessNode, filters={'id': self._node.pk}, tag='process')
@@ -55,7 +68,6 @@ class StoredInputHashes(ProcessNodeCaching):
                 edge_project='label',
                 project=['id', f'extras.{self._HASH_EXTRA_KEY}'],
             )
-            sources = {}
             for row in builder.iterdict():
                 label, source = row['link']['label'], row['input']
                 if label not in ignored:
@@ -66,22 +78,27 @@ class StoredInputHashes(ProcessNodeCaching):
                 for triple in self._node.base.links.incoming_cache
                 if triple.link_type in INPUT_LINK_TYPES and triple.link_label not in ignored
             ]
-            for triple in triples:
-                if not triple.node.is_stored:
-                    # aiida-core's message for the same case (its compute_hash of the input raises it).
-                    triple.node.base.caching.compute_hash()
-            stored_hashes = _stored_hashes(self._node.backend, [triple.node.pk for triple in triples])
-            sources = {triple.link_label: (triple.node.pk, stored_hashes.get(triple.node.pk)) for triple in triples}
+        triples += [triple for triple in self.pending_inputs if triple.link_label not in ignored]
+        pks = []
+        for triple in triples:
+            pk = stored_pk(triple.node)
+            if pk is None:
+                # aiida-core's message for the same case (its compute_hash of the input raises it).
+                triple.node.base.caching.compute_hash()
+            pks.append(pk)
+        stored_hashes = _stored_hashes(self._node.backend, pks)
+        for triple, pk in zip(triples, pks, strict=True):
+            sources[triple.link_label] = (pk, stored_hashes.get(pk))
         hashes: dict[str, str | None] = {}
         for label, (pk, stored) in sources.items():
             hashes[label] = stored if isinstance(stored, str) else orm.load_node(pk).base.caching.compute_hash()
         return hashes
 
 
-def _stored_hashes(backend: t.Any, pks: list[int]) -> dict[int, t.Any]:
+def _stored_hashes(backend: t.Any, pks: list[int | None]) -> dict[int, t.Any]:
     """Node id -> ``_aiida_hash`` extra of the given nodes, in one query per :data:`QUERY_CHUNK` ids."""
     hashes: dict[int, t.Any] = {}
-    unique = sorted(set(pks))
+    unique = sorted({pk for pk in pks if pk is not None})
     for start in range(0, len(unique), QUERY_CHUNK):
         builder = orm.QueryBuilder(backend=backend)
         builder.append(
@@ -93,13 +110,14 @@ def _stored_hashes(backend: t.Any, pks: list[int]) -> dict[int, t.Any]:
     return hashes
 
 
-def use_stored_input_hashes(node: orm.ProcessNode) -> None:
+def use_stored_input_hashes(node: orm.ProcessNode) -> StoredInputHashes | None:
     """Make ``node`` hash its inputs from their stored hashes (see the module docstring); before it is stored.
 
     Only a node whose caching interface is aiida-core's ``ProcessNodeCaching`` itself is changed; a node class with a
     caching interface of its own (``CalcJobNode``) keeps it.
     """
     if node._CLS_NODE_CACHING is not ProcessNodeCaching:
-        return
+        return None
     # ``NodeBase.caching`` is a cached property: this instance gets the interface, the class is left alone.
-    node.base.__dict__['caching'] = StoredInputHashes(node)
+    caching = node.base.__dict__['caching'] = StoredInputHashes(node)
+    return caching

@@ -19,6 +19,7 @@ from aiida.engine import ExitCode
 from aiida_mlworkbench.bulk_links import calcfunction
 from aiida_mlworkbench.data import SparseFeatureMatrix
 from aiida_mlworkbench.descriptors import DEFAULT_BLOCK_SIZE, StructureNotDescribableError, get_descriptor
+from aiida_mlworkbench.node_ids import stored_pk
 from aiida_mlworkbench.progress import progress
 
 __all__ = (
@@ -116,7 +117,8 @@ def structures_as_atoms(structures: Sequence[orm.StructureData]) -> list[ase.Ato
     in one query. Sites of alloy or vacancy kinds, which are no single atom, go through ``get_ase`` and its error.
     """
     attributes: dict[int, dict[str, t.Any]] = {}
-    pks = sorted({node.pk for node in structures if node.is_stored})
+    node_pks = [stored_pk(node) for node in structures]
+    pks = sorted({pk for pk in node_pks if pk is not None})
     for start in range(0, len(pks), 1000):
         query = orm.QueryBuilder().append(
             orm.StructureData, filters={'id': {'in': pks[start : start + 1000]}}, project=['id', 'attributes']
@@ -124,8 +126,8 @@ def structures_as_atoms(structures: Sequence[orm.StructureData]) -> list[ase.Ato
         attributes.update(query.all())
 
     atoms = []
-    for node in structures:
-        content = attributes[node.pk] if node.is_stored else node.base.attributes.all
+    for node, pk in zip(structures, node_pks, strict=True):
+        content = attributes[pk] if pk is not None else node.base.attributes.all
         symbol_of_kind = {
             kind['name']: kind['symbols'][0]
             for kind in content.get('kinds', [])
