@@ -176,8 +176,14 @@ def bulk_store(creator: orm.CalculationNode, outputs: Mapping[str, orm.Data]) ->
     from aiida.common.hashing import make_hash
 
     backend = creator.backend
-    if len({id(output) for output in outputs.values()}) != len(outputs):
-        raise ValueError(f'{creator} returns the same new node under two labels: a node has only one creator')
+    labels_of: dict[int, list[str]] = {}
+    for label, output in outputs.items():
+        labels_of.setdefault(id(output), []).append(label)
+        if len(labels_of[id(output)]) > 1:
+            raise ValueError(
+                f'node<{output.uuid}> already has an incoming LinkType.CREATE link: {creator} returns it as '
+                f'{" and ".join(labels_of[id(output)])}, but a node has only one creator'
+            )
     user_pk = {}
     rows = []
     for output in outputs.values():

@@ -205,11 +205,11 @@ def _row(node: orm.Node) -> dict:
 def test_bulk_stored_outputs_equal_aiida_core_stored_outputs():
     """Outputs stored in one bulk insert have the rows, hashes and CREATE links aiida-core's store gives them."""
     inputs = {f'k{index}': orm.Int(index).store() for index in range(5)}
-    plain_outputs, plain = plain_make.run_get_node(n=inputs)
+    plain_outputs = plain_make(n=inputs)
     bulk_outputs, bulk = bulk_make.run_get_node(n=inputs)
 
-    flat_plain = {'structure': plain_outputs['structure'], 'array': plain_outputs['array'], 'dict': plain_outputs['dict']}
-    flat_bulk = {'structure': bulk_outputs['structure'], 'array': bulk_outputs['array'], 'dict': bulk_outputs['dict']}
+    flat_plain = {label: plain_outputs[label] for label in ('structure', 'array', 'dict')}
+    flat_bulk = {label: bulk_outputs[label] for label in ('structure', 'array', 'dict')}
     flat_plain.update({f'ints__{key}': node for key, node in plain_outputs['ints'].items()})
     flat_bulk.update({f'ints__{key}': node for key, node in bulk_outputs['ints'].items()})
     assert set(flat_bulk) == set(flat_plain)
@@ -235,6 +235,6 @@ def _same_node_twice():
 def test_same_new_node_under_two_labels_is_refused():
     """A new node has one creator: returning it twice fails both ways, and the bulk way stores none of the outputs."""
     for decorator in (engine.calcfunction, bulk_links.calcfunction):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r'already has an incoming LinkType\.CREATE link'):
             decorator(_same_node_twice)()
     assert orm.QueryBuilder().append(orm.Int).count() == 1  # aiida-core's way stored one before it failed
