@@ -120,11 +120,7 @@ class BulkLinks:
             return
         node = self.node
         link_type = LinkType.CREATE if isinstance(node, orm.CalculationNode) else LinkType.RETURN
-        linked = set(
-            node.base.links.get_outgoing(link_type=(LinkType.CREATE, LinkType.RETURN)).all_link_labels()
-            if node.is_stored
-            else ()
-        )
+        linked = _output_link_labels(node)
         created: dict[str, orm.Data] = {}
         returned: list[dict[str, t.Any]] = []
         # aiida-core's nested transaction commits the outer one, which closes it under its owner: open one only if none.
@@ -135,7 +131,10 @@ class BulkLinks:
                     continue
                 if _is_plain_output(output, link_type):
                     validate_link_label(label)
-                    node.base.links.validate_outgoing(output, link_type, label)
+                    if link_type is LinkType.CREATE:
+                        node.base.links.validate_outgoing(output, link_type, label)
+                    # A RETURN link: ``WorkflowNode.validate_outgoing`` checks that the node is stored, as
+                    # ``_is_plain_output`` did, without reading the node back from the database.
                     if link_type is LinkType.CREATE and _can_bulk_store(output):
                         created[label] = output
                     elif link_type is LinkType.CREATE:
@@ -241,6 +240,21 @@ def _load_by_uuid(backend: t.Any, uuids: list[str]) -> dict[str, orm.Node]:
     return loaded
 
 
+def _output_link_labels(node: orm.ProcessNode) -> set[str]:
+    """Labels of the CREATE and RETURN links of ``node`` in the database (labels only: no node is loaded)."""
+    if not is_stored(node):
+        return set()
+    builder = orm.QueryBuilder(backend=node.backend)
+    builder.append(orm.ProcessNode, filters={'id': stored_pk(node)}, tag='process')
+    builder.append(
+        orm.Node,
+        with_incoming='process',
+        edge_filters={'type': {'in': [LinkType.CREATE.value, LinkType.RETURN.value]}},
+        edge_project='label',
+    )
+    return set(builder.all(flat=True))
+
+
 def _can_bulk_store(output: orm.Data) -> bool:
     """Whether ``output`` is stored the plain way, which :func:`bulk_store` repeats: its class does not change how a
     node is stored, it has no files in its repository and no links but its ``CREATE`` one."""
@@ -279,6 +293,8 @@ def _check_input_link(source: t.Any, target: orm.ProcessNode, link_type: LinkTyp
 def _is_plain_output(output: orm.Data, link_type: LinkType) -> bool:
     """Whether an output takes the common path: a new node created by a calculation, a stored one returned by a
     workflow. Any other case goes through aiida-core's own validation."""
+    if not isinstance(output, orm.Data):
+        return False
     if link_type is LinkType.CREATE:
         return not is_stored(output) and not any(
             triple.link_type is LinkType.CREATE for triple in output.base.links.incoming_cache
