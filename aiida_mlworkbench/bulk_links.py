@@ -4,19 +4,26 @@ aiida-core 2.9 validates each new link of a process on its own: every input link
 and scans all input links added before it, comparing nodes by value (``Dict.__eq__`` compares contents); every output
 link queries the outgoing links stored so far. That is fine for the handful of inputs of a DFT calculation, but a
 process that consumes 7100 ``impurity_info`` nodes and creates 7100 clusters spent minutes in it (1000 clusters in one
-process took 304 s, 63 s in batches of 100; ``benchmarks/provenance_links.py``).
+process took 304 s, 63 s in batches of 100, measured with ``benchmarks/cluster_extraction.py`` before this module).
 
-:class:`BulkLinks` gives a process the same links, with the same rules checked, in time linear in their number:
+:class:`BulkLinks` gives a process the same links, with the same rules checked, in time linear in their number, and
+stores them in a few statements instead of one SQL savepoint per link:
 
 * Inputs are linked while the process node is still unstored, which is always the case when the engine sets them up.
   A node that is not stored yet has no descendants, so no new input link can close a cycle: the graph query is skipped.
   Link labels are unique because they are the flattened port names; the remaining rules (source is ``Data``, same
-  storage backend, valid label, the process node is not sealed) are checked per link, in constant time.
-* Outputs: the labels already linked are read once per call; each new output of a calculation gets its ``CREATE``
-  link checked the same way, each node a workflow returns its ``RETURN`` link in one bulk insert, all in one
-  transaction (aiida-core commits after each, and a commit expires every node loaded in the session). Anything
-  unusual (a stored output of a calculation, an unstored output of a workflow) goes through aiida-core's own
-  :meth:`~aiida.orm.nodes.links.NodeLinks.add_incoming`, which raises as it always does.
+  storage backend, valid label, the process node is not sealed) are checked per link, in constant time. The node and
+  its input links are stored in one transaction, the links in one insert; the node's hash takes each input's stored
+  hash (:mod:`aiida_mlworkbench.process_hashing`), and is the hash aiida-core computes.
+* Outputs: the labels already linked are read once per call, in one query. The new outputs of a calculation are
+  validated, cleaned and hashed as ``Node.store`` does it, and stored with their ``CREATE`` links in one bulk insert
+  (:func:`bulk_store`); the stored nodes replace them among the process's outputs. Each node a workflow returns gets
+  its ``RETURN`` link in one bulk insert. All of it happens in one transaction (aiida-core commits after each node,
+  and a commit expires every node loaded in the session). Anything unusual (a stored output of a calculation, an
+  unstored output of a workflow, a node with files or a class that stores itself its own way) goes through
+  aiida-core's own :meth:`~aiida.orm.nodes.links.NodeLinks.add_incoming` and ``store``, which raise as they always do.
+
+``tests/test_bulk_links.py`` and ``tests/test_process_hashing.py`` compare links, rows and hashes with aiida-core's.
 
 Use :func:`calcfunction` (a drop-in for :func:`aiida.engine.calcfunction`) for process functions, and :class:`BulkLinks`
 as the first base class of a ``WorkChain``.
