@@ -44,7 +44,7 @@ from aiida.orm.utils.links import LinkTriple
 from aiida_mlworkbench.node_ids import is_stored, stored_pk
 from aiida_mlworkbench.process_hashing import use_stored_input_hashes
 
-__all__ = ('BulkLinks', 'bulk_store', 'calcfunction')
+__all__ = ('BulkLinks', 'bulk_store', 'calcfunction', 'can_bulk_store')
 
 F = t.TypeVar('F', bound=t.Callable[..., t.Any])
 
@@ -83,17 +83,28 @@ class BulkLinks:
         if caching is None or not self.metadata.store_provenance:  # type: ignore[attr-defined]
             node.base.links.incoming_cache.extend(triples)  # stored, if at all, by aiida-core with the node
             return
-        # Inserted in one statement once the node is stored (``_create_and_setup_db_record``); aiida-core would insert
-        # them one by one, each in a savepoint of its own. Inputs given unstored are stored now, as aiida-core's
-        # ``store_all`` would store them a moment later.
-        for triple in triples:
-            if stored_pk(triple.node) is None:
-                triple.node.store()
-        caching.pending_inputs = triples
+        # Inserted in one statement once the node is stored (``_create_and_setup_db_record``, which stored the inputs
+        # given unstored); aiida-core would insert them one by one, each in a savepoint of its own.
+        node.base.links.incoming_cache.extend(triple for triple in triples if not is_stored(triple.node))
+        caching.pending_inputs = [triple for triple in triples if is_stored(triple.node)]
 
     def _create_and_setup_db_record(self) -> t.Any:
-        """Create and store the process node and its input links in one transaction, the links in one insert."""
+        """Create and store the process node and its input links in one transaction, the links in one insert.
+
+        Inputs given unstored are stored first, each committed as ``store_all`` would: if the transaction fails, they
+        stay stored in the database as they are in Python, and only the process node is rolled back.
+        """
         backend = get_manager().get_profile_storage()
+        if self.metadata.store_provenance:  # type: ignore[attr-defined]
+            unstored = [
+                source
+                for source in self._flat_inputs().values()  # type: ignore[attr-defined]
+                if isinstance(source, orm.Data) and not is_stored(source)
+            ]
+            for source in unstored:  # all checked before any is stored, as in ``store_all``
+                source._verify_are_parents_stored()
+            for source in unstored:
+                source.store()
         with contextlib.nullcontext() if backend.in_transaction else backend.transaction():
             result = super()._create_and_setup_db_record()  # type: ignore[misc]
             caching = self.node.base.caching
@@ -142,7 +153,7 @@ class BulkLinks:
                         node.base.links.validate_outgoing(output, link_type, label)
                     # A RETURN link: ``WorkflowNode.validate_outgoing`` checks that the node is stored, as
                     # ``_is_plain_output`` did, without reading the node back from the database.
-                    if link_type is LinkType.CREATE and _can_bulk_store(output):
+                    if link_type is LinkType.CREATE and can_bulk_store(output):
                         created[label] = output
                     elif link_type is LinkType.CREATE:
                         output.base.links.incoming_cache.append(LinkTriple(node, link_type, label))
@@ -171,19 +182,34 @@ def bulk_store(creator: orm.CalculationNode, outputs: Mapping[str, orm.Data]) ->
     """Store new nodes created by ``creator``, with their ``CREATE`` links, in one bulk insert; return them stored.
 
     Each node is validated, cleaned and hashed as :meth:`aiida.orm.Node.store` does it and gets the same database
-    row (attributes, extras with the hash, repository metadata); the links are those ``update_outputs`` would add. The
-    nodes given stay unstored: the returned ones, loaded in one query per thousand, are the stored nodes. Storing the
-    1752 clusters of the reference study one by one took 6 s, mostly flushes and commits per node.
+    row (attributes, extras with the hash, repository metadata) and autogroup; the links are those ``update_outputs``
+    would add. Storing the 1752 clusters of the reference study one by one took 6 s, mostly flushes and commits per
+    node.
 
-    :param outputs: link label -> new node, each accepted by :func:`_can_bulk_store`.
-    :raises ValueError: if a node is given twice (a node has one creator), or as ``Node.store`` raises.
+    The returned nodes, loaded in one query per thousand, are the stored nodes; the objects given stay as they were,
+    unstored, and must not be stored again (their UUIDs are taken). :class:`BulkLinks` puts the stored nodes in the
+    place of the objects among the process's outputs, so the caller of a process gets stored nodes.
+
+    :param creator: the stored calculation node that creates the nodes.
+    :param outputs: link label -> new node without files in its repository, of a class that stores itself the plain
+        way (:func:`can_bulk_store`).
+    :raises ValueError: if the creator is not a stored calculation, a label is no valid link label, a node cannot be
+        bulk stored or is given twice (a node has one creator), or as ``Node.store`` raises.
     """
     from aiida.common.exceptions import HashingError
     from aiida.common.hashing import make_hash
 
     backend = creator.backend
+    if not isinstance(creator, orm.CalculationNode) or not is_stored(creator):
+        raise ValueError(f'the creator of bulk stored nodes must be a stored calculation node, got {creator!r}')
     labels_of: dict[int, list[str]] = {}
     for label, output in outputs.items():
+        validate_link_label(label)
+        if not can_bulk_store(output):
+            raise ValueError(
+                f'{output!r} (output `{label}`) cannot be bulk stored: it is stored, has links or files, or its class '
+                'stores itself its own way; store it with `Node.store`'
+            )
         labels_of.setdefault(id(output), []).append(label)
         if len(labels_of[id(output)]) > 1:
             raise ValueError(
@@ -231,10 +257,10 @@ def bulk_store(creator: orm.CalculationNode, outputs: Mapping[str, orm.Data]) ->
             ],
         )
     result = {label: stored[output.uuid] for label, output in outputs.items()}
-    if backend.autogroup.is_to_be_grouped(creator):
-        nodes = [node for node in result.values() if backend.autogroup.is_to_be_grouped(node)]
-        if nodes:
-            backend.autogroup.get_or_create_group().add_nodes(nodes)
+    # ``Node.store`` puts each node in the autogroup of ``verdi run --auto-group`` by its own type, not its creator's.
+    grouped = [node for node in result.values() if backend.autogroup.is_to_be_grouped(node)]
+    if grouped:
+        backend.autogroup.get_or_create_group().add_nodes(grouped)
     return result
 
 
@@ -262,12 +288,14 @@ def _output_link_labels(node: orm.ProcessNode) -> set[str]:
     return set(builder.all(flat=True))
 
 
-def _can_bulk_store(output: orm.Data) -> bool:
-    """Whether ``output`` is stored the plain way, which :func:`bulk_store` repeats: its class does not change how a
-    node is stored, it has no files in its repository and no links but its ``CREATE`` one."""
+def can_bulk_store(output: orm.Data) -> bool:
+    """Whether :func:`bulk_store` can store ``output``: a new ``Data`` node stored the plain way (its class does not
+    change how a node is stored), with no files in its repository and no links yet."""
     cls = type(output)
     return (
-        cls.store is orm.Node.store
+        isinstance(output, orm.Data)
+        and not is_stored(output)
+        and cls.store is orm.Node.store
         and cls._store is orm.Node._store
         and not output.base.links.incoming_cache
         and not output.base.repository.list_object_names()

@@ -12,7 +12,10 @@ bulk_links.BulkLinks` installs it on the node of every process of this package, 
 works as always: the hash is equal to aiida-core's, which ``tests/test_process_hashing.py`` checks.
 
 A stored hash is trusted as aiida-core trusts it when it looks up a cache: a storage migration that changes the hash
-algorithm clears stored hashes, and ``verdi node rehash`` recomputes them.
+algorithm clears stored hashes, archive import drops them, and ``verdi node rehash`` recomputes them. Only where an
+input's stored hash is stale (set by hand, or left behind by a plugin that changed how its nodes hash without a
+migration) does the process hash differ from the one aiida-core would compute; the same input then also fails to match
+in aiida-core's own cache lookups, and ``verdi node rehash`` repairs both.
 """
 
 from __future__ import annotations

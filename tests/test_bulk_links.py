@@ -177,7 +177,8 @@ def _make_nodes(**namespaces):
     structure.append_atom(position=(1.5, 1.5, 1.5), symbols='Co')
     structure.label = 'FeCo'
     array = orm.ArrayData({'values': np.arange(4.0)})
-    dictionary = orm.Dict({'a': 1, 'nested': {'b': [1.5, 'x']}})
+    # numpy scalars and tuples: Node.store cleans them (np.int64 is no JSON), so must bulk_store.
+    dictionary = orm.Dict({'a': 1, 'nested': {'b': [1.5, 'x']}, 'n': np.int64(3), 'f': np.float64(0.25), 't': (1, 2)})
     ints = {key: orm.Int(node.value + 1) for key, node in namespaces.get('n', {}).items()}
     return {'structure': structure, 'array': array, 'dict': dictionary, 'ints': ints}
 
@@ -238,3 +239,29 @@ def test_same_new_node_under_two_labels_is_refused():
         with pytest.raises(ValueError, match=r'already has an incoming LinkType\.CREATE link'):
             decorator(_same_node_twice)()
     assert orm.QueryBuilder().append(orm.Int).count() == 1  # aiida-core's way stored one before it failed
+
+
+@pytest.mark.usefixtures('aiida_profile_clean')
+def test_bulk_stored_outputs_join_the_autogroup_by_their_own_type():
+    """``verdi run --auto-group -i aiida.data:core.int``: the Int outputs are grouped, the calcfunction is not."""
+    from aiida.manage import get_manager
+
+    autogroup = get_manager().get_profile_storage().autogroup
+    autogroup.enable()
+    autogroup.set_include(['aiida.data:core.int'])
+    try:
+        outputs, node = bulk_make.run_get_node(n={'a': orm.Int(1).store(), 'b': orm.Int(2).store()})
+        group = autogroup.get_or_create_group()
+    finally:
+        autogroup.disable()
+        autogroup.set_include(None)
+    grouped = {member.uuid for member in group.nodes}
+    assert {output.uuid for output in outputs['ints'].values()} <= grouped
+    assert node.uuid not in grouped
+    assert outputs['dict'].uuid not in grouped
+
+
+def test_bulk_store_refuses_what_it_cannot_store():
+    """bulk_store checks its own preconditions: a stored calculation as creator, new plain nodes, valid labels."""
+    with pytest.raises(ValueError, match='stored calculation node'):
+        bulk_links.bulk_store(orm.CalcFunctionNode(), {'a': orm.Int(1)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from aiida import engine, orm
+from aiida.common.links import LinkType
 from aiida.manage.caching import enable_caching
 from aiida.orm.nodes.process.process import ProcessNodeCaching
 
@@ -60,6 +61,7 @@ def test_work_chain_hash_equals_aiida_core_hash():
     nodes = {f'k{index:03d}': orm.Int(index).store() for index in range(15)}
     _, node = engine.run_get_node(BulkReturn, nodes=nodes, extra=orm.Str('x').store())
     assert node.is_finished_ok
+    assert isinstance(node.base.caching, StoredInputHashes)
     assert node.base.caching.get_hash() == _aiida_core_hash(node)
 
 
@@ -73,3 +75,12 @@ def test_caching_finds_the_earlier_process():
         _, third = bulk_total.run_get_node(n={**inputs, 'i000': orm.Int(100).store()})
     assert second.base.caching.get_cache_source() == first.uuid
     assert not third.base.caching.is_created_from_cache
+    # The cached process has its own input links, the same hash and the outputs of the first.
+    assert _input_links(second) == _input_links(first)
+    assert second.base.caching.get_hash() == _aiida_core_hash(second) == first.base.caching.get_hash()
+    assert second.outputs.result.value == first.outputs.result.value
+    assert second.outputs.result.uuid != first.outputs.result.uuid
+
+
+def _input_links(node: orm.ProcessNode) -> set[tuple[str, str]]:
+    return {(link.link_label, link.node.uuid) for link in node.base.links.get_incoming(link_type=LinkType.INPUT_CALC)}
