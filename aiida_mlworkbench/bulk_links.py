@@ -41,7 +41,7 @@ from aiida.manage import get_manager
 from aiida.orm.entities import EntityTypes
 from aiida.orm.utils.links import LinkTriple
 
-from aiida_mlworkbench.node_ids import is_stored, stored_pk
+from aiida_mlworkbench.node_ids import is_stored, rows_where, stored_pk
 from aiida_mlworkbench.process_hashing import use_stored_input_hashes
 
 __all__ = ('BulkLinks', 'bulk_store', 'calcfunction', 'can_bulk_store')
@@ -84,9 +84,8 @@ class BulkLinks:
             node.base.links.incoming_cache.extend(triples)  # stored, if at all, by aiida-core with the node
             return
         # Inserted in one statement once the node is stored (``_create_and_setup_db_record``, which stored the inputs
-        # given unstored); aiida-core would insert them one by one, each in a savepoint of its own.
-        node.base.links.incoming_cache.extend(triple for triple in triples if not is_stored(triple.node))
-        caching.pending_inputs = [triple for triple in triples if is_stored(triple.node)]
+        # given unstored before); aiida-core would insert them one by one, each in a savepoint of its own.
+        caching.pending_inputs = triples
 
     def _create_and_setup_db_record(self) -> t.Any:
         """Create and store the process node and its input links in one transaction, the links in one insert.
@@ -216,7 +215,6 @@ def bulk_store(creator: orm.CalculationNode, outputs: Mapping[str, orm.Data]) ->
                 f'node<{output.uuid}> already has an incoming LinkType.CREATE link: {creator} returns it as '
                 f'{" and ".join(labels_of[id(output)])}, but a node has only one creator'
             )
-    user_pk = {}
     rows = []
     for output in outputs.values():
         output._validate_storability()
@@ -228,7 +226,6 @@ def bulk_store(creator: orm.CalculationNode, outputs: Mapping[str, orm.Data]) ->
         except HashingError:
             output.logger.exception('Node hashing failed')
             node_hash = None
-        user = output.user
         computer = output.computer
         rows.append(
             {
@@ -239,7 +236,7 @@ def bulk_store(creator: orm.CalculationNode, outputs: Mapping[str, orm.Data]) ->
                 'description': output.description,
                 'ctime': output.ctime,
                 'mtime': output.mtime,
-                'user_id': user_pk.setdefault(id(user), user.pk),
+                'user_id': output.user.pk,
                 'dbcomputer_id': None if computer is None else computer.pk,
                 'attributes': output.base.attributes.all,
                 'extras': {**output.base.extras.all, output.base.caching._HASH_EXTRA_KEY: node_hash},
@@ -248,7 +245,7 @@ def bulk_store(creator: orm.CalculationNode, outputs: Mapping[str, orm.Data]) ->
         )
     with contextlib.nullcontext() if backend.in_transaction else backend.transaction():
         backend.bulk_insert(EntityTypes.NODE, rows)
-        stored = _load_by_uuid(backend, [row['uuid'] for row in rows])
+        stored = dict(rows_where('uuid', [row['uuid'] for row in rows], ['uuid', '*'], backend=backend))
         backend.bulk_insert(
             EntityTypes.LINK,
             [
@@ -262,15 +259,6 @@ def bulk_store(creator: orm.CalculationNode, outputs: Mapping[str, orm.Data]) ->
     if grouped:
         backend.autogroup.get_or_create_group().add_nodes(grouped)
     return result
-
-
-def _load_by_uuid(backend: t.Any, uuids: list[str]) -> dict[str, orm.Node]:
-    loaded: dict[str, orm.Node] = {}
-    for start in range(0, len(uuids), 999):
-        builder = orm.QueryBuilder(backend=backend)
-        builder.append(orm.Node, filters={'uuid': {'in': uuids[start : start + 999]}}, project=['uuid', '*'])
-        loaded.update(builder.iterall())
-    return loaded
 
 
 def _output_link_labels(node: orm.ProcessNode) -> set[str]:

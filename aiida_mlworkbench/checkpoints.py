@@ -20,13 +20,12 @@ from collections.abc import Mapping
 from aiida import orm
 from plumpy.utils import Frozendict
 
-from aiida_mlworkbench.node_ids import stored_pk
+from aiida_mlworkbench.node_ids import rows_where, stored_pk
 
 __all__ = ('CompactCheckpoints',)
 
 _MARKER = 'mlworkbench-compact-checkpoint-v2'
 _MARKER_UUIDS = 'mlworkbench-compact-checkpoint-v1'
-_QUERY_CHUNK = 999
 
 
 class CompactCheckpoints:
@@ -122,13 +121,7 @@ def _same_mapping(original: Mapping, items: dict) -> Mapping:
 
 def _load_nodes(field: str, values: set) -> dict[t.Any, orm.Node]:
     """Load the nodes whose ``field`` (``id`` or ``uuid``) is in ``values``, one query per thousand."""
-    ordered = sorted(values)
-    loaded: dict[t.Any, orm.Node] = {}
-    for start in range(0, len(ordered), _QUERY_CHUNK):
-        query = orm.QueryBuilder().append(
-            orm.Node, filters={field: {'in': ordered[start : start + _QUERY_CHUNK]}}, project=[field, '*']
-        )
-        loaded.update(query.all())
+    loaded: dict[t.Any, orm.Node] = dict(rows_where(field, values, [field, '*']))
     missing = values - set(loaded)
     if missing:
         raise ValueError(

@@ -28,13 +28,11 @@ from aiida.orm.nodes.caching import NodeCaching
 from aiida.orm.nodes.process.process import ProcessNodeCaching
 from aiida.orm.utils.links import LinkTriple
 
-from aiida_mlworkbench.node_ids import stored_pk
+from aiida_mlworkbench.node_ids import rows_where, stored_pk
 
 __all__ = ('StoredInputHashes', 'use_stored_input_hashes')
 
 INPUT_LINK_TYPES = (LinkType.INPUT_CALC, LinkType.INPUT_WORK)
-QUERY_CHUNK = 999
-"""Node ids per ``IN`` filter (SQLite allows 999 bound parameters in older versions)."""
 
 
 class StoredInputHashes(ProcessNodeCaching):
@@ -99,18 +97,9 @@ class StoredInputHashes(ProcessNodeCaching):
 
 
 def _stored_hashes(backend: t.Any, pks: list[int | None]) -> dict[int, t.Any]:
-    """Node id -> ``_aiida_hash`` extra of the given nodes, in one query per :data:`QUERY_CHUNK` ids."""
-    hashes: dict[int, t.Any] = {}
-    unique = sorted({pk for pk in pks if pk is not None})
-    for start in range(0, len(unique), QUERY_CHUNK):
-        builder = orm.QueryBuilder(backend=backend)
-        builder.append(
-            orm.Node,
-            filters={'id': {'in': unique[start : start + QUERY_CHUNK]}},
-            project=['id', f'extras.{NodeCaching._HASH_EXTRA_KEY}'],
-        )
-        hashes.update(builder.iterall())
-    return hashes
+    """Node id -> ``_aiida_hash`` extra of the given stored nodes."""
+    project = ['id', f'extras.{NodeCaching._HASH_EXTRA_KEY}']
+    return dict(rows_where('id', (pk for pk in pks if pk is not None), project, backend=backend))
 
 
 def use_stored_input_hashes(node: orm.ProcessNode) -> StoredInputHashes | None:

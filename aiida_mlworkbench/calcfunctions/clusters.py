@@ -23,6 +23,7 @@ from aiida.manage import get_manager
 
 from aiida_mlworkbench.bulk_links import calcfunction
 from aiida_mlworkbench.kkr.geometry import RcutUnit, impurity_cluster
+from aiida_mlworkbench.node_ids import rows_where, stored_pk
 
 if t.TYPE_CHECKING:
     from aiida_mlworkbench.kkr.embeddings import ImpurityEmbedding
@@ -108,13 +109,10 @@ def _impurity_info_contents(nodes: collections.abc.Iterable[orm.Dict]) -> dict[s
     ``Dict.get_dict()`` on a stored node loads its attributes with a query of its own (about 2 ms each on SQLite).
     """
     nodes = list(nodes)
-    contents = {node.uuid: node.get_dict() for node in nodes if not node.is_stored}
-    pks = sorted({node.pk for node in nodes if node.is_stored})
-    for start in range(0, len(pks), 1000):
-        query = orm.QueryBuilder().append(
-            orm.Dict, filters={'id': {'in': pks[start : start + 1000]}}, project=['uuid', 'attributes']
-        )
-        contents.update(query.all())
+    pks = [stored_pk(node) for node in nodes]
+    contents = {node.uuid: node.get_dict() for node, pk in zip(nodes, pks, strict=True) if pk is None}
+    stored = (pk for pk in pks if pk is not None)
+    contents.update(rows_where('id', stored, ['uuid', 'attributes'], node_class=orm.Dict))
     return contents
 
 

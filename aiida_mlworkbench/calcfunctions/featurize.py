@@ -19,7 +19,7 @@ from aiida.engine import ExitCode
 from aiida_mlworkbench.bulk_links import calcfunction
 from aiida_mlworkbench.data import SparseFeatureMatrix
 from aiida_mlworkbench.descriptors import DEFAULT_BLOCK_SIZE, StructureNotDescribableError, get_descriptor
-from aiida_mlworkbench.node_ids import stored_pk
+from aiida_mlworkbench.node_ids import rows_where, stored_pk
 from aiida_mlworkbench.progress import progress
 
 __all__ = (
@@ -116,14 +116,9 @@ def structures_as_atoms(structures: Sequence[orm.StructureData]) -> list[ase.Ato
     3 ms each, minutes for the 7100 clusters of a database); here the attributes of a thousand stored structures come
     in one query. Sites of alloy or vacancy kinds, which are no single atom, go through ``get_ase`` and its error.
     """
-    attributes: dict[int, dict[str, t.Any]] = {}
     node_pks = [stored_pk(node) for node in structures]
-    pks = sorted({pk for pk in node_pks if pk is not None})
-    for start in range(0, len(pks), 1000):
-        query = orm.QueryBuilder().append(
-            orm.StructureData, filters={'id': {'in': pks[start : start + 1000]}}, project=['id', 'attributes']
-        )
-        attributes.update(query.all())
+    stored = (pk for pk in node_pks if pk is not None)
+    attributes = dict(rows_where('id', stored, ['id', 'attributes'], node_class=orm.StructureData))
 
     atoms = []
     for node, pk in zip(structures, node_pks, strict=True):
