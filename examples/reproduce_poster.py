@@ -13,8 +13,8 @@ one is not public. Three runs of the same work chain:
    which measures whether the model recognises the lattice of hosts it has never seen.
 
 Runs 2 and 3 take the clusters of run 1 and featurize them again, which gives the same matrix (the script checks its
-content checksum) in about a second. AiiDA caching could reuse the matrix instead (the cache lookup of a featurization
-of 1752 clusters takes well under a second, see the pipeline docs, "Scale"); featurizing again shows that the same
+content checksum) in about a second. AiiDA caching could reuse the matrix instead (a featurization of 1752 clusters is
+found in the cache and reused in under a second, see the pipeline docs, "Scale"); featurizing again shows that the same
 clusters give the same matrix.
 
 Run with ``verdi run examples/reproduce_poster.py [--size 1752] [--jobs 1]``.

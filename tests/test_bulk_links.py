@@ -265,3 +265,14 @@ def test_bulk_store_refuses_what_it_cannot_store():
     """bulk_store checks its own preconditions: a stored calculation as creator, new plain nodes, valid labels."""
     with pytest.raises(ValueError, match='stored calculation node'):
         bulk_links.bulk_store(orm.CalcFunctionNode(), {'a': orm.Int(1)})
+
+
+@pytest.mark.usefixtures('aiida_profile_clean')
+def test_bulk_store_refuses_a_stored_node_and_stores_nothing():
+    creator = orm.CalcFunctionNode()
+    creator.store()
+    new = orm.Int(1)
+    with pytest.raises(ValueError, match=r'output `b`.*cannot be bulk stored'):
+        bulk_links.bulk_store(creator, {'a': new, 'b': orm.Int(2).store()})
+    assert not new.is_stored
+    assert orm.QueryBuilder().append(orm.Int).count() == 1  # only the one stored by the test itself
