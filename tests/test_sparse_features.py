@@ -173,6 +173,28 @@ class TestValidation:
             SparseFeatureMatrix(self.raw(*arrays, shape=(2, 4)))
         assert self.count() == before
 
+    @pytest.mark.parametrize(
+        'build',
+        [
+            lambda matrix: SparseFeatureMatrix(matrix, dtype='float32'),
+            lambda matrix: SparseFeatureMatrix.from_blocks([matrix[:1], matrix[1:]], 4, dtype='float32'),
+        ],
+        ids=['whole', 'blocks'],
+    )
+    def test_value_overflowing_float32_is_refused(self, build):
+        """Cast first, then check: 1e300 is finite as float64 but inf as float32, and must not be stored as inf."""
+        matrix = self.raw([1.0, 1e300], [0, 3], [0, 1, 2], shape=(2, 4))
+        before = self.count()
+        with pytest.raises(ValueError, match=r'value 1e\+300 in row 1, column 3 does not fit in float32'):
+            build(matrix)
+        assert self.count() == before
+        assert SparseFeatureMatrix(matrix, dtype='float64').get_matrix()[1, 3] == 1e300
+
+    def test_duplicates_summing_past_float32_are_refused(self):
+        matrix = self.raw([3e38, 3e38], [2, 2], [0, 2], shape=(1, 4))
+        with pytest.raises(ValueError, match='duplicate entries of row 0, column 2 sum to inf in float32'):
+            SparseFeatureMatrix(matrix, dtype='float32')
+
     @pytest.mark.parametrize('dtype', [np.int64, np.complex128, np.bool_])
     def test_unsupported_dtype(self, dtype):
         matrix = scipy.sparse.csr_array(np.eye(3, dtype=dtype))

@@ -35,6 +35,21 @@ INDPTR_CHUNK = 2**14
 #: Elements per slab when copying or hashing a dataset, which bounds memory while streaming (32 MB of doubles).
 COPY_SLAB = 2**22
 
+#: Node attributes that describe the file; :meth:`SparseFeatureMatrix._layout` checks that they agree.
+LAYOUT_ATTRIBUTES = ('shape', 'n_rows', 'n_features', 'nnz', 'dtype', 'checksum')
+#: What the root of a feature file holds, exactly: a file with anything else was not written by this package.
+FILE_DATASETS = ('data', 'indices', 'indptr')
+FILE_ATTRIBUTES = ('format_version', 'shape')
+INDICES_DTYPES = (np.dtype('int32'), np.dtype('int64'))
+#: The only HDF5 filter the writer uses (per-chunk checksums). Any other filter id is refused before a value is read:
+#: HDF5 would look for a filter plugin (a shared library) to decode it, or inflate a compression bomb.
+ALLOWED_FILTERS = frozenset({h5py.h5z.FILTER_FLETCHER32})
+#: Storage layouts whose values are in the file itself (a virtual dataset maps other files; external storage is a
+#: contiguous layout with a list of external files, checked separately).
+ALLOWED_LAYOUTS = frozenset({h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED, h5py.h5d.COMPACT})
+#: Largest chunk accepted, in elements: HDF5 decodes whole chunks, so a forged huge chunk makes a small read large.
+MAX_CHUNK_ELEMENTS = 2**20
+
 SparseInput = t.Any  # scipy.sparse matrix or array, or a pydata sparse array
 
 
@@ -103,19 +118,35 @@ def _canonical_block(block: SparseInput, n_features: int, dtype: np.dtype, row_o
         raise ValueError(
             f'column index {int(indices[bad])} in row {row_offset + row} is out of range for {n_features} features'
         )
-    if not np.all(np.isfinite(data)):
-        bad = int(np.flatnonzero(~np.isfinite(data))[0])
+    # Cast first, then check: a value that is finite as float64 can overflow the stored dtype (1e300 as float32).
+    with np.errstate(over='ignore', invalid='ignore'):
+        values = data.astype(dtype, copy=True)
+    if not np.all(np.isfinite(values)):
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
         row = int(np.searchsorted(indptr, bad, side='right') - 1)
+        if np.isfinite(data[bad]):
+            raise ValueError(
+                f'value {float(data[bad])!r} in row {row_offset + row}, column {int(indices[bad])} does not fit in '
+                f'{dtype} (largest {np.finfo(dtype).max:.3g}): store the features as float64 or rescale them'
+            )
         raise ValueError(
             f'non-finite value {data[bad]} in row {row_offset + row}, column {int(indices[bad])}: '
             'features must be finite numbers'
         )
-    # Canonical form, on a copy so that the caller's matrix is not modified.
+    # Canonical form, on copies so that the caller's matrix is not modified.
     canonical = scipy.sparse.csr_array(
-        (data.astype(dtype, copy=True), indices.astype(_indices_dtype(n_features), copy=True), indptr.copy()),
+        (values, indices.astype(_indices_dtype(n_features), copy=True), indptr.copy()),
         shape=csr.shape,
     )
-    canonical.sum_duplicates()
+    with np.errstate(over='ignore', invalid='ignore'):
+        canonical.sum_duplicates()
+    if not np.all(np.isfinite(canonical.data)):
+        bad = int(np.flatnonzero(~np.isfinite(canonical.data))[0])
+        row = int(np.searchsorted(canonical.indptr, bad, side='right') - 1)
+        raise ValueError(
+            f'the duplicate entries of row {row_offset + row}, column {int(canonical.indices[bad])} sum to '
+            f'{canonical.data[bad]} in {dtype}: features must be finite numbers'
+        )
     canonical.eliminate_zeros()
     return canonical
 
@@ -149,6 +180,67 @@ def plan_row_blocks(rows: np.ndarray, block_size: int) -> list[tuple[int, int, n
         blocks.append((start, int(ordered[last - 1]) + 1, order[first:last]))
         first = last
     return blocks
+
+
+class _Layout(t.NamedTuple):
+    """The checked layout attributes of a node."""
+
+    n_rows: int
+    n_features: int
+    nnz: int
+    dtype: np.dtype
+
+
+def _layout_problem(handle: h5py.File, layout: _Layout) -> str | None:
+    """What is wrong with the structure of a feature file, or ``None``; reads metadata only, never a value.
+
+    Exactly the writer's datasets and attributes, with its dtypes and lengths, every dataset a hard link to values
+    stored in this file (no external or virtual dataset, no link to another file) and no filter but fletcher32.
+    """
+    names = sorted(handle.keys())
+    if names != sorted(FILE_DATASETS):
+        return f'the file holds {names}, expected exactly the datasets {list(FILE_DATASETS)}'
+    attributes = sorted(handle.attrs.keys())
+    if attributes != sorted(FILE_ATTRIBUTES):
+        return f'the file has the attributes {attributes}, expected exactly {list(FILE_ATTRIBUTES)}'
+    version = np.asarray(handle.attrs['format_version'])
+    if version.shape != () or version.dtype.kind not in 'iu' or int(version) != FORMAT_VERSION:
+        return f'unknown file format version {version!r} (this package reads version {FORMAT_VERSION})'
+    file_shape = np.asarray(handle.attrs['shape'])
+    if file_shape.dtype.kind not in 'iu' or [int(x) for x in file_shape.ravel()] != [layout.n_rows, layout.n_features]:
+        return f'the file says shape {file_shape.tolist()}, the attributes {[layout.n_rows, layout.n_features]}'
+    expected = {
+        'data': ((layout.dtype,), layout.nnz),
+        'indices': (INDICES_DTYPES, layout.nnz),
+        'indptr': ((INDPTR_DTYPE,), layout.n_rows + 1),
+    }
+    for name, (dtypes, length) in expected.items():
+        link = handle.get(name, getlink=True)
+        if not isinstance(link, h5py.HardLink):
+            return f'{name!r} is an HDF5 {type(link).__name__}, not a dataset stored in this file'
+        dataset = handle[name]
+        if not isinstance(dataset, h5py.Dataset):
+            return f'{name!r} is a {type(dataset).__name__}, not a dataset'
+        if dataset.is_virtual:
+            return f'{name!r} is a virtual dataset: its values would be read from other files'
+        plist = dataset.id.get_create_plist()
+        if plist.get_external_count():
+            return f'{name!r} is an external dataset: its values would be read from a local file outside the node'
+        if plist.get_layout() not in ALLOWED_LAYOUTS:
+            return f'{name!r} has the HDF5 storage layout {plist.get_layout()}, which the writer never uses'
+        filters = [plist.get_filter(number)[0] for number in range(plist.get_nfilters())]
+        if not set(filters) <= ALLOWED_FILTERS:
+            return (
+                f'{name!r} goes through the HDF5 filters {filters}: only fletcher32 checksums (filter 3) are '
+                'written, compression and filter plugins are refused'
+            )
+        if dataset.dtype not in dtypes:
+            return f'{name!r} has dtype {dataset.dtype}, expected {" or ".join(str(dtype) for dtype in dtypes)}'
+        if dataset.shape != (length,):
+            return f'{name!r} has shape {dataset.shape}, expected ({length},) from the attributes'
+        if dataset.chunks is not None and int(np.prod(dataset.chunks)) > MAX_CHUNK_ELEMENTS:
+            return f'{name!r} has chunks of {dataset.chunks} elements, more than the {MAX_CHUNK_ELEMENTS} accepted'
+    return None
 
 
 class _ContentHasher:
@@ -312,17 +404,30 @@ class SparseFeatureMatrix(Data):
                 'format_version': FORMAT_VERSION,
             }
         )
+        self.__dict__['_written_file'] = self._file_record()
 
     def _validate(self) -> bool:
-        """Refuse to store a node without a matrix, or whose file disagrees with its attributes."""
+        """Refuse to store a node without a matrix, or whose file disagrees with its attributes.
+
+        A file this node wrote itself from validated blocks only needs its layout checked; a file put into the
+        repository by other means (or attributes changed since) is checked whole: structure and checksum.
+        """
         super()._validate()
         if self.FILENAME not in self.base.repository.list_object_names():
             raise ValueError(
                 'this SparseFeatureMatrix holds no matrix: build it with SparseFeatureMatrix(matrix) or from_blocks()'
             )
-        with self._open():  # checks the layout against the attributes
-            pass
+        if self.__dict__.get('_written_file') == self._file_record():
+            with self._open():  # checks the layout against the attributes
+                pass
+        else:
+            self.verify()
         return True
+
+    def _file_record(self) -> tuple[str, ...]:
+        """What identifies the file and attributes :meth:`_write_blocks` wrote (a new put gets a new sandbox key)."""
+        key = self.base.repository.serialize().get('o', {}).get(self.FILENAME, {}).get('k', '')
+        return (str(key), *(json.dumps(self.base.attributes.get(name), sort_keys=True) for name in LAYOUT_ATTRIBUTES))
 
     # Queryable properties ---------------------------------------------------------------------------------------
 
@@ -375,31 +480,92 @@ class SparseFeatureMatrix(Data):
         return self.nnz / (n_rows * n_features)
 
     # Reading ----------------------------------------------------------------------------------------------------
+    #
+    # An archive from someone else can hold any HDF5 file with any attributes, and a consistent checksum proves only
+    # the bytes. So every read checks, before scipy or scikit-learn see an array: the attributes (once), the file's
+    # structure (once per open: datasets, dtypes, lengths, values stored in this file, no filter but fletcher32) and
+    # the values of each block as it is read (indptr monotone and within the stored values, column indices within the
+    # shape, values finite). Out-of-range indices or a decreasing indptr would otherwise crash the interpreter in
+    # scipy's or scikit-learn's compiled code; an external or virtual dataset would read other local files.
+
+    def _layout(self) -> _Layout:
+        """The layout attributes, checked to agree with each other (an imported node may carry any attributes)."""
+        cached = self.__dict__.get('_checked_layout')
+        if cached is not None:
+            return cached
+        shape, n_rows, n_features, nnz, dtype = (self._attribute(name) for name in LAYOUT_ATTRIBUTES[:5])
+
+        def is_int(value: t.Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not (
+            is_int(n_rows)
+            and is_int(n_features)
+            and is_int(nnz)
+            and isinstance(shape, (list, tuple))
+            and list(shape) == [n_rows, n_features]
+            and n_rows >= 1
+            and n_features >= 1
+            and 0 <= nnz <= n_rows * n_features
+            and dtype in SUPPORTED_DTYPES
+        ):
+            raise CorruptedFeatureMatrixError(
+                self._corruption_message(
+                    f'its attributes are inconsistent (shape {shape!r}, n_rows {n_rows!r}, n_features '
+                    f'{n_features!r}, nnz {nnz!r}, dtype {dtype!r})'
+                )
+            )
+        layout = _Layout(n_rows, n_features, nnz, np.dtype(dtype))
+        if self.is_stored:
+            self.__dict__['_checked_layout'] = layout
+        return layout
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[h5py.File]:
-        """Open the HDF5 file through the repository's own file handle (no temporary copy) and check its layout.
+        """Open the HDF5 file through the repository's own file handle (no temporary copy) and check its structure.
 
         A stored node is immutable, so its file stays open for later reads: opening a file in the object store costs
         more than reading a block of rows from it. :meth:`close` releases it.
         """
         if not self.is_stored:
-            with self.base.repository.open(self.FILENAME, mode='rb') as stream, h5py.File(stream, 'r') as handle:
-                self._check_layout(handle)
-                yield handle
+            with contextlib.ExitStack() as stack:
+                yield self._open_checked(stack)
             return
         reader = self.__dict__.get('_open_reader')
         if reader is None:
             stack = contextlib.ExitStack()
             try:
-                stream = stack.enter_context(self.base.repository.open(self.FILENAME, mode='rb'))
-                handle = stack.enter_context(h5py.File(stream, 'r'))
-                self._check_layout(handle)
+                handle = self._open_checked(stack)
             except BaseException:
                 stack.close()
                 raise
             reader = self.__dict__['_open_reader'] = (handle, stack, weakref.finalize(self, stack.close))
         yield reader[0]
+
+    def _open_checked(self, stack: contextlib.ExitStack) -> h5py.File:
+        """Open the file on ``stack``; refuse anything but a readable HDF5 file of the expected structure."""
+        layout = self._layout()
+        try:
+            stream = stack.enter_context(self.base.repository.open(self.FILENAME, mode='rb'))
+        except FileNotFoundError:
+            raise CorruptedFeatureMatrixError(
+                self._corruption_message(f'its repository holds no {self.FILENAME}')
+            ) from None
+        try:
+            handle = stack.enter_context(h5py.File(stream, 'r'))
+        except (OSError, ValueError) as exception:
+            raise CorruptedFeatureMatrixError(
+                self._corruption_message(f'{self.FILENAME} is not an HDF5 file or is truncated ({exception})')
+            ) from None
+        self._check_layout(handle, layout)
+        # Two values, once per open: a block read anywhere in the file then stays within an indptr from 0 to nnz.
+        dataset = handle['indptr']
+        first, last = self._read(dataset, 0, 1)[0], self._read(dataset, layout.n_rows, layout.n_rows + 1)[0]
+        if first != 0:
+            raise self._corrupted(f'indptr starts at {first}, not at 0')
+        if last != layout.nnz:
+            raise self._corrupted(f'indptr ends at {last}, not at the number of stored values {layout.nnz}')
+        return handle
 
     def close(self) -> None:
         """Close the HDF5 file that reads of a stored node keep open (it is also closed when the node is collected)."""
@@ -407,23 +573,14 @@ class SparseFeatureMatrix(Data):
         if reader is not None:
             reader[2]()
 
-    def _check_layout(self, handle: h5py.File) -> None:
-        """Cheap consistency checks between the file and the attributes (no data is read)."""
+    def _check_layout(self, handle: h5py.File, layout: _Layout) -> None:
+        """Check the file's structure against the attributes; only metadata is read, no value."""
         try:
-            n_rows, n_features = self.shape
-            expected = {
-                'data': (self.nnz,),
-                'indices': (self.nnz,),
-                'indptr': (n_rows + 1,),
-            }
-            found = {name: handle[name].shape for name in expected}
-            file_shape = tuple(int(x) for x in handle.attrs['shape'])
-        except (KeyError, OSError, TypeError) as exception:
-            raise CorruptedFeatureMatrixError(self._corruption_message(f'unreadable layout ({exception})')) from None
-        if found != expected or file_shape != (n_rows, n_features):
-            raise CorruptedFeatureMatrixError(
-                self._corruption_message(f'datasets {found} / shape {file_shape} disagree with the attributes')
-            )
+            problem = _layout_problem(handle, layout)
+        except (KeyError, OSError, RuntimeError, TypeError, ValueError) as exception:
+            problem = f'its HDF5 structure is unreadable ({type(exception).__name__}: {exception})'
+        if problem:
+            raise CorruptedFeatureMatrixError(self._corruption_message(problem))
 
     def _corruption_message(self, detail: str) -> str:
         return (
@@ -431,41 +588,86 @@ class SparseFeatureMatrix(Data):
             f'{detail}. Re-create the node (rerun the featurization) or re-import it from a trusted archive.'
         )
 
+    def _corrupted(self, detail: str) -> CorruptedFeatureMatrixError:
+        return CorruptedFeatureMatrixError(self._corruption_message(detail))
+
     def _read(self, dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
         try:
             return dataset[start:stop]
-        except OSError as exception:
-            raise CorruptedFeatureMatrixError(self._corruption_message(str(exception))) from None
+        except (OSError, RuntimeError, ValueError) as exception:
+            raise self._corrupted(f'reading {dataset.name} failed ({exception})') from None
 
     def _read_raw(self, handle: h5py.File, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Read the CSR arrays of rows ``start:stop`` as stored (``indptr`` not yet shifted to start at zero)."""
+        """Read the CSR arrays of rows ``start:stop`` as stored (``indptr`` not yet shifted to start at zero).
+
+        Checked before anyone sees them: ``indptr`` non-decreasing and within the stored values (starting at 0 and
+        ending at nnz where the block touches the file's ends), column indices within the shape, values finite.
+        """
+        layout = self._layout()
         indptr = self._read(handle['indptr'], start, stop + 1)
         low, high = int(indptr[0]), int(indptr[-1])
-        return indptr, self._read(handle['indices'], low, high), self._read(handle['data'], low, high)
+        if start == 0 and low != 0:
+            raise self._corrupted(f'indptr starts at {low}, not at 0')
+        if stop == layout.n_rows and high != layout.nnz:
+            raise self._corrupted(f'indptr ends at {high}, not at the number of stored values {layout.nnz}')
+        if low < 0 or high > layout.nnz:
+            raise self._corrupted(
+                f'indptr of rows {start}:{stop} points to values {low}:{high}, outside the {layout.nnz} stored values'
+            )
+        decreasing = indptr[1:] < indptr[:-1]
+        if decreasing.any():
+            raise self._corrupted(f'indptr decreases at row {start + int(np.argmax(decreasing))}')
+        indices = self._read(handle['indices'], low, high)
+        data = self._read(handle['data'], low, high)
+
+        def row_of(position: int) -> str:
+            return f'row {start + int(np.searchsorted(indptr, low + position, side="right")) - 1}'
+
+        self._check_indices(indices, layout.n_features, row_of)
+        self._check_values(data, row_of)
+        return indptr, indices, data
+
+    def _check_indices(self, indices: np.ndarray, n_features: int, where: t.Callable[[int], str]) -> None:
+        """Column indices within ``[0, n_features)``: one pass, negative indices being huge as unsigned integers."""
+        if not indices.size:
+            return
+        unsigned = indices.view(np.uint32 if indices.dtype.itemsize == 4 else np.uint64)
+        if unsigned.max() >= n_features:
+            bad = int(np.argmax(unsigned >= n_features))
+            raise self._corrupted(
+                f'column index {int(indices[bad])} in {where(bad)} is out of range for {n_features} features'
+            )
+
+    def _check_values(self, data: np.ndarray, where: t.Callable[[int], str]) -> None:
+        if not np.isfinite(data).all():
+            bad = int(np.argmax(~np.isfinite(data)))
+            raise self._corrupted(f'non-finite value {data[bad]} in {where(bad)}')
 
     def _read_row_range(self, handle: h5py.File, start: int, stop: int) -> scipy.sparse.csr_array:
         indptr, indices, data = self._read_raw(handle, start, stop)
-        return _csr_from_arrays(data, indices, indptr - indptr[0], (stop - start, self.n_features))
+        return _csr_from_arrays(data, indices, indptr - indptr[0], (stop - start, self._layout().n_features))
 
     def _check_checksum(self, hasher: _ContentHasher, indices_dtype: np.dtype) -> None:
         if hasher.hexdigest(self.shape, self.dtype, indices_dtype) != self.checksum:
-            raise CorruptedFeatureMatrixError(self._corruption_message('content checksum mismatch'))
+            raise self._corrupted('content checksum mismatch')
 
     def get_matrix(self, kind: t.Literal['array', 'matrix'] = 'array', *, verify: bool = True):
         """Return the whole matrix as ``scipy.sparse.csr_array`` (``kind='array'``) or ``csr_matrix``.
 
-        :param verify: check the content against the stored checksum (detects a tampered file).
+        :param verify: also check the content against the stored checksum (detects a tampered file); the structure is
+            checked either way.
         :raises CorruptedFeatureMatrixError: if the file does not hold what the attributes say.
         """
         if kind not in ('array', 'matrix'):
             raise ValueError(f"kind must be 'array' or 'matrix', got {kind!r}")
         with self._open() as handle:
-            indptr, indices, data = self._read_raw(handle, 0, self.n_rows)
+            layout = self._layout()
+            indptr, indices, data = self._read_raw(handle, 0, layout.n_rows)
         if verify:
             hasher = _ContentHasher()
             hasher.update(indptr[1:], indices, data)
             self._check_checksum(hasher, indices.dtype)
-        matrix = _csr_from_arrays(data, indices, indptr, self.shape)
+        matrix = _csr_from_arrays(data, indices, indptr, (layout.n_rows, layout.n_features))
         return scipy.sparse.csr_matrix(matrix) if kind == 'matrix' else matrix
 
     def get_rows(self, rows: slice | Iterable[int] | np.ndarray) -> scipy.sparse.csr_array:
@@ -473,8 +675,8 @@ class SparseFeatureMatrix(Data):
 
         Only the chunks that hold the requested rows are read; HDF5 per-chunk checksums detect corrupted chunks.
         """
-        n_rows = self.n_rows
         with self._open() as handle:
+            n_rows, n_features = self._layout()[:2]
             if isinstance(rows, slice):
                 start, stop, step = rows.indices(n_rows)
                 if step == 1:
@@ -482,7 +684,7 @@ class SparseFeatureMatrix(Data):
                 rows = np.arange(start, stop, step)
             index = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows)
             if index.size == 0:
-                return scipy.sparse.csr_array((0, self.n_features), dtype=self.dtype)
+                return scipy.sparse.csr_array((0, n_features), dtype=self.dtype)
             if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
                 raise ValueError('rows must be a slice or a one-dimensional sequence of integer row indices')
             index = np.where(index < 0, index + n_rows, index)
@@ -511,8 +713,9 @@ class SparseFeatureMatrix(Data):
         if block_size < 1:
             raise ValueError(f'block_size must be positive, got {block_size}')
         with self._open() as handle:
-            for start in range(0, self.n_rows, block_size):
-                yield self._read_row_range(handle, start, min(start + block_size, self.n_rows))
+            n_rows = self._layout().n_rows
+            for start in range(0, n_rows, block_size):
+                yield self._read_row_range(handle, start, min(start + block_size, n_rows))
 
     def iter_row_blocks(
         self,
@@ -527,7 +730,7 @@ class SparseFeatureMatrix(Data):
         by one block, whatever the number of rows. Blocks come in file order, or, with ``rng``, in a random order and
         with their rows shuffled (for stochastic training).
         """
-        n_rows = self.n_rows
+        n_rows = self._layout().n_rows
         if isinstance(rows, slice):
             rows = np.arange(*rows.indices(n_rows))
         index = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows)
@@ -550,17 +753,47 @@ class SparseFeatureMatrix(Data):
             yield positions, block
 
     def verify(self) -> None:
-        """Stream through the whole file in slabs and check it against the stored checksum.
+        """Stream through the whole file in slabs: check its structure, as every read does, and its content checksum.
 
-        :raises CorruptedFeatureMatrixError: if the content differs from what was stored.
+        :raises CorruptedFeatureMatrixError: if the file is not a valid matrix or its content differs from what was
+            stored.
         """
+        layout = self._layout()
         hasher = _ContentHasher()
         with self._open() as handle:
             # The checksum hashes each array as one stream, so slab boundaries do not matter.
-            for name, offset in (('indptr', 1), ('indices', 0), ('data', 0)):
+            previous = 0
+            dataset = handle['indptr']
+            for start in range(0, layout.n_rows + 1, COPY_SLAB):
+                slab = self._read(dataset, start, start + COPY_SLAB)
+                if start == 0 and slab[0] != 0:
+                    raise self._corrupted(f'indptr starts at {int(slab[0])}, not at 0')
+                decreasing = np.concatenate(([slab[0] < previous], slab[1:] < slab[:-1]))
+                if decreasing.any():
+                    raise self._corrupted(f'indptr decreases at row {start + int(np.argmax(decreasing)) - 1}')
+                hasher.update_one('indptr', slab[1:] if start == 0 else slab)
+                previous = int(slab[-1])
+            if previous != layout.nnz:
+                raise self._corrupted(f'indptr ends at {previous}, not at the number of stored values {layout.nnz}')
+
+            def row_of(offset: int) -> t.Callable[[int], str]:
+                def where(position: int) -> str:
+                    row = np.searchsorted(
+                        self._read(handle['indptr'], 0, layout.n_rows + 1), offset + position, 'right'
+                    )
+                    return f'row {int(row) - 1}'
+
+                return where
+
+            for name in ('indices', 'data'):
                 dataset = handle[name]
-                for start in range(offset, dataset.shape[0], COPY_SLAB):
-                    hasher.update_one(name, self._read(dataset, start, start + COPY_SLAB))
+                for start in range(0, layout.nnz, COPY_SLAB):
+                    slab = self._read(dataset, start, start + COPY_SLAB)
+                    if name == 'indices':
+                        self._check_indices(slab, layout.n_features, row_of(start))
+                    else:
+                        self._check_values(slab, row_of(start))
+                    hasher.update_one(name, slab)
             indices_dtype = handle['indices'].dtype
         self._check_checksum(hasher, indices_dtype)
 
