@@ -792,6 +792,157 @@ if training_memory is not None:
     )
 
 
+# The feature-reads case (issue 10): block reads of a stored SparseFeatureMatrix, every block checked (indptr
+# monotone and within the stored values, column indices within the shape, values finite) before scipy sees it,
+# against plain h5py reads of the same arrays from a copy of the same file.
+READS_SHAPE = (7100, 270_900)
+READS_QUICK_ROWS = 710
+READS_NNZ_PER_ROW = 330
+READS_BLOCK = 256
+READS_SCAN_BLOCK = 1024
+READS_REPEATS = 200
+READS_RATIO_TARGET = 2.0
+
+
+def task_feature_reads_setup(n_rows: int) -> dict[str, t.Any]:
+    """Store a SOAP-like random matrix (about 330 non-zeros per row) and copy its HDF5 file for the plain reads."""
+    load_benchmark_profile(create=True)
+    sys.path.insert(0, str(HERE))
+    from _common import row_block
+
+    from aiida_mlworkbench.data import SparseFeatureMatrix
+
+    n_features = READS_SHAPE[1]
+    blocks = (
+        row_block(first, min(first + 1024, n_rows), n_features, READS_NNZ_PER_ROW, SEED)
+        for first in range(0, n_rows, 1024)
+    )
+    node = SparseFeatureMatrix.from_blocks(blocks, n_features, descriptor={'name': 'random, SOAP-like'}).store()
+    plain = pathlib.Path(os.environ['AIIDA_PATH']) / f'feature-reads-{n_rows}.h5'
+    with node.base.repository.open(node.FILENAME, 'rb') as source, open(plain, 'wb') as target:
+        shutil.copyfileobj(source, target)
+    return {'pk': node.pk, 'plain': str(plain), 'nnz': node.nnz}
+
+
+def _feature_readers(way: str, pk: int, plain: str, n_rows: int) -> tuple[t.Callable, t.Callable]:
+    """``read(first, stop)`` and ``scan()`` of one way, the file kept open (as a stored node keeps it)."""
+    import scipy.sparse
+
+    n_features = READS_SHAPE[1]
+    if way == 'package':
+        load_benchmark_profile()
+        from aiida import orm
+
+        node = orm.load_node(pk)
+        return (lambda first, stop: node.get_rows(slice(first, stop))), (lambda: node.iter_blocks(READS_SCAN_BLOCK))
+    import h5py
+
+    handle = h5py.File(plain, 'r')
+
+    def read(first: int, stop: int) -> t.Any:
+        indptr = handle['indptr'][first : stop + 1]
+        low, high = int(indptr[0]), int(indptr[-1])
+        arrays = (handle['data'][low:high], handle['indices'][low:high], indptr - low)
+        return scipy.sparse.csr_array(arrays, shape=(stop - first, n_features))
+
+    def scan() -> t.Iterator[t.Any]:
+        for first in range(0, n_rows, READS_SCAN_BLOCK):
+            yield read(first, min(first + READS_SCAN_BLOCK, n_rows))
+
+    return read, scan
+
+
+def task_feature_reads(way: str, pk: int, plain: str, n_rows: int) -> dict[str, t.Any]:
+    """Random 256-row block reads (median) and full scans in 1024-row blocks (best of 5), the file kept open.
+
+    The package's child also runs the plain reads, taking turns with its own, so that both ratios compare reads made
+    under the same load (the machine is shared); the plain child runs the plain reads alone.
+    """
+    import numpy as np
+
+    ways = [way] if way == 'plain' else [way, 'plain']
+    readers = {name: _feature_readers(name, pk, plain, n_rows) for name in ways}
+    for read, _ in readers.values():
+        read(0, 1)  # opens the file and, for the package, checks its structure (once: a stored node keeps it open)
+    block_seconds: dict[str, list[float]] = {name: [] for name in ways}
+    for first in np.random.default_rng(SEED).integers(0, n_rows - READS_BLOCK, READS_REPEATS):
+        for name, (read, _) in readers.items():
+            start = time.perf_counter()
+            read(int(first), int(first) + READS_BLOCK)
+            block_seconds[name].append(time.perf_counter() - start)
+    scan_seconds: dict[str, list[float]] = {name: [] for name in ways}
+    nnz = {}
+    for _ in range(5):
+        for name, (_, scan) in readers.items():
+            start = time.perf_counter()
+            nnz[name] = sum(block.nnz for block in scan())
+            scan_seconds[name].append(time.perf_counter() - start)
+    if len(set(nnz.values())) != 1:
+        raise RuntimeError(f'the ways read different numbers of values: {nnz}')
+    result: dict[str, t.Any] = {'seconds': min(scan_seconds[way]), 'nnz': nnz[way]}
+    for name in ways:
+        result[f'{name}_block_ms'] = 1000 * float(np.median(block_seconds[name]))
+        result[f'{name}_scan_s'] = min(scan_seconds[name])
+    return result
+
+
+def _build_feature_reads(context: Context) -> list[Run]:
+    n_rows = READS_QUICK_ROWS if context.quick else READS_SHAPE[0]
+    stored = context.task('feature_reads_setup', n_rows=n_rows)
+    return [
+        Run(
+            'feature-reads',
+            way,
+            n_rows,
+            None,
+            None,
+            context.task_command('feature_reads', way=way, pk=stored['pk'], plain=stored['plain'], n_rows=n_rows),
+            label=label,
+        )
+        for way, label in (
+            ('plain', 'h5py slices of indptr, indices, data + scipy csr_array'),
+            ('package', 'SparseFeatureMatrix.get_rows / iter_blocks, every block checked'),
+        )
+    ]
+
+
+def _check_feature_reads(context: Context, results: list[Result]) -> list[Target]:
+    ways = {result.run.way: result for result in results if result.ok}
+    if 'package' not in ways:
+        return [Target('feature reads: the package run failed or was skipped', None)]
+    figures = ways['package'].payload
+    where = f'{ways["package"].run.size} x {READS_SHAPE[1]:,}, {figures["nnz"]:,} non-zeros, the ways taking turns'
+    block = figures['package_block_ms'] / figures['plain_block_ms']
+    scan = figures['package_scan_s'] / figures['plain_scan_s']
+    return [
+        Target(
+            f'feature reads ({where}): {READS_BLOCK}-row block, median of {READS_REPEATS}: package '
+            f'{figures["package_block_ms"]:.2f} ms, plain h5py {figures["plain_block_ms"]:.2f} ms, ratio {block:.2f} '
+            f'(target <= {READS_RATIO_TARGET:.0f})',
+            block <= READS_RATIO_TARGET,
+        ),
+        Target(
+            f'feature reads ({where}): full scan in {READS_SCAN_BLOCK}-row blocks, best of 5: package '
+            f'{figures["package_scan_s"]:.3f} s, plain h5py {figures["plain_scan_s"]:.3f} s, ratio {scan:.2f} '
+            f'(target <= {READS_RATIO_TARGET:.0f})',
+            scan <= READS_RATIO_TARGET,
+        ),
+    ]
+
+
+register(
+    Case(
+        'feature-reads',
+        f'block reads of a stored {READS_SHAPE[0]} x {READS_SHAPE[1]:,} SOAP-like random matrix (about '
+        f'{READS_NNZ_PER_ROW} non-zeros per row): SparseFeatureMatrix.get_rows ({READS_BLOCK} rows) and iter_blocks '
+        f'({READS_SCAN_BLOCK} rows), every block checked before scipy sees it, against plain h5py reads of the same '
+        f'arrays from a copy of the file (taking turns in the package child); each within {READS_RATIO_TARGET:.0f}x',
+        _build_feature_reads,
+        _check_feature_reads,
+    )
+)
+
+
 # -- report ----------------------------------------------------------------------------------------------------------
 
 
