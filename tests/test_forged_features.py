@@ -365,3 +365,28 @@ def test_marker_never_comes_back_through_an_archive(tmp_path, monkeypatch, fresh
                 read()
             assert MARKER.decode() not in str(error.value)
         imported.close()
+
+
+@pytest.mark.parametrize(
+    ('attributes', 'message'),
+    [
+        ({'n_rows': '12'}, r"its attributes are inconsistent \(shape \[12, 40\], n_rows '12'"),
+        ({'shape': [12, 41]}, r'its attributes are inconsistent \(shape \[12, 41\]'),
+        ({'dtype': 'int64'}, r"its attributes are inconsistent .* dtype 'int64'"),
+        ({'nnz': 10**6}, r'its attributes are inconsistent .* nnz 1000000'),
+        ({'nnz': 80}, r"'data' has shape \(81,\), expected \(80,\)"),
+    ],
+    ids=['n_rows a string', 'shape', 'dtype', 'nnz beyond the shape', 'nnz one short'],
+)
+def test_forged_attributes_are_refused(attributes, message, monkeypatch):
+    """An archive carries attributes too: they must agree with each other and with the file."""
+    node = SparseFeatureMatrix(valid_matrix())
+    node.base.attributes.set_many(attributes)
+    before = count_matrices()
+    with pytest.raises(CorruptedFeatureMatrixError, match=r'SparseFeatureMatrix<unstored>.*' + message):
+        node.store()
+    assert count_matrices() == before
+    store_as_an_import_does(node, monkeypatch)
+    for read in (node.get_matrix, node.verify, lambda: node.get_rows([0, 3]), lambda: list(node.iter_blocks(4))):
+        with pytest.raises(CorruptedFeatureMatrixError, match=rf'SparseFeatureMatrix<{node.pk}>.*' + message):
+            read()
