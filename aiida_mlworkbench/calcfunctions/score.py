@@ -8,7 +8,14 @@ import numpy as np
 from aiida import orm
 from aiida.engine import ExitCode, calcfunction
 
-from aiida_mlworkbench.data import IncompatibleFeaturesError, SparseFeatureMatrix, TrainedModel
+from aiida_mlworkbench.data import (
+    CorruptedFeatureMatrixError,
+    CorruptedModelError,
+    IncompatibleFeaturesError,
+    SparseFeatureMatrix,
+    TrainedModel,
+)
+from aiida_mlworkbench.restricted_pickle import UnsafePickleError
 
 __all__ = ('EXIT_CODES', 'classification_metrics', 'regression_metrics', 'score_model')
 
@@ -17,7 +24,69 @@ EXIT_CODES = {
     'targets_mismatch': ExitCode(331, 'targets has {n_targets} entries but the feature matrix has {n_rows} rows'),
     'unsupported_task': ExitCode(332, 'cannot score a model of task `{task}`: only classification and regression'),
     'undefined_score': ExitCode(333, 'the {name} is undefined on {n_test} test row(s): use a larger test set'),
+    'unsafe_model': ExitCode(334, 'the model was refused, nothing of it ran: {detail}'),
+    'corrupted_model': ExitCode(335, 'the model cannot be read: {detail}'),
+    'corrupted_features': ExitCode(336, 'the feature matrix cannot be read: {detail}'),
+    'invalid_split': ExitCode(337, 'invalid split: {detail}'),
+    'invalid_targets': ExitCode(338, 'invalid targets: {detail}'),
+    'prediction_failed': ExitCode(339, 'the model failed to predict: {detail}'),
 }
+
+
+class _InputError(ValueError):
+    """An input of :func:`score_model` is unusable; ``name`` is the key of its exit code."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+def _target_array(targets: orm.ArrayData) -> np.ndarray:
+    """The ``targets`` array, one value per row of the feature matrix."""
+    names = targets.get_arraynames()
+    if 'targets' not in names:
+        raise _InputError(
+            'invalid_targets',
+            f'{targets} has no array `targets` (arrays: {sorted(names)}): give the `targets` output of the targets '
+            'calcfunction, or an ArrayData with the array `targets`',
+        )
+    labels = targets.get_array('targets')
+    if labels.ndim != 1:
+        raise _InputError(
+            'invalid_targets', f'`targets` must be one-dimensional, one value per row, got {labels.shape}'
+        )
+    return labels
+
+
+def _split_rows(split: orm.ArrayData, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``test`` and ``train`` rows, checked: present, integer row indices within the matrix, not empty."""
+    names = split.get_arraynames()
+    rows = {}
+    for side in ('test', 'train'):
+        if side not in names:
+            raise _InputError(
+                'invalid_split',
+                f'{split} has no array `{side}` (arrays: {sorted(names)}): give the output of split_rows, or an '
+                'ArrayData with the arrays `train` and `test` of row indices',
+            )
+        values = split.get_array(side)
+        if values.ndim != 1 or values.dtype.kind not in 'iu':
+            raise _InputError(
+                'invalid_split',
+                f'`{side}` must be a one-dimensional array of integer row indices, got {values.dtype} of shape '
+                f'{values.shape}',
+            )
+        if not values.size:
+            raise _InputError('invalid_split', f'`{side}` has no rows: a score needs rows on both sides of the split')
+        if values.min() < 0 or values.max() >= n_rows:
+            row = int(values.max() if values.max() >= n_rows else values.min())
+            raise _InputError(
+                'invalid_split',
+                f'`{side}` refers to row {row}, but the feature matrix has {n_rows} rows (0 to {n_rows - 1}): '
+                'split the rows of these features',
+            )
+        rows[side] = values
+    return rows['test'], rows['train']
 
 
 def _finite_or_none(value: t.Any) -> t.Any:
@@ -83,23 +152,50 @@ def score_model(
     Outputs ``metrics`` (``Dict``: for classification accuracy, balanced accuracy, macro F1, per-class precision and
     recall, the confusion matrix with class names; for regression MAE, RMSE and R2) and ``score`` (``Float``: the
     test accuracy, or the test R2 for regression).
+
+    Every problem of the inputs is an exit code of :data:`EXIT_CODES`, never an exception: a model that the restricted
+    loader refuses (334) or cannot read (335), a feature file that fails its checks (336), a split without integer row
+    indices within the matrix (337), targets without the array ``targets`` (338), a model that fails to predict (339).
     """
     task = model.base.attributes.get('task')
     if task not in ('classification', 'regression'):
         return EXIT_CODES['unsupported_task'].format(task=task)
-    labels = targets.get_array('targets')
-    if labels.shape[0] != features.n_rows:
-        return EXIT_CODES['targets_mismatch'].format(n_targets=labels.shape[0], n_rows=features.n_rows)
+    try:
+        labels = _target_array(targets)
+        if labels.shape[0] != features.n_rows:
+            return EXIT_CODES['targets_mismatch'].format(n_targets=labels.shape[0], n_rows=features.n_rows)
+        test, train = _split_rows(split, features.n_rows)
+    except _InputError as exception:
+        return EXIT_CODES[exception.name].format(detail=str(exception))
     try:
         model.check_features(features)
     except IncompatibleFeaturesError as exception:
         return EXIT_CODES['incompatible_features'].format(detail=str(exception))
 
+    # Load the model before reading any feature, so that a refused or unreadable model is named as such.
+    try:
+        model._estimator_for_prediction(())
+    except UnsafePickleError as exception:
+        return EXIT_CODES['unsafe_model'].format(
+            detail=f'{exception} Do not use this model; retrain it from the features and targets, or ask its author.'
+        )
+    except CorruptedModelError as exception:
+        return EXIT_CODES['corrupted_model'].format(detail=str(exception))
+
     measure = classification_metrics if task == 'classification' else regression_metrics
     main = 'accuracy' if task == 'classification' else 'r2'
-    test, train = split.get_array('test'), split.get_array('train')
-    metrics = measure(labels[test], model.predict(features, rows=test))
-    train_metrics = measure(labels[train], model.predict(features, rows=train))
+    try:
+        metrics = measure(labels[test], model.predict(features, rows=test))
+        train_metrics = measure(labels[train], model.predict(features, rows=train))
+    except CorruptedFeatureMatrixError as exception:
+        return EXIT_CODES['corrupted_features'].format(
+            detail=f'{exception} Featurize the structures again, or re-import the features from a trusted archive.'
+        )
+    except (ValueError, TypeError, IndexError) as exception:
+        return EXIT_CODES['prediction_failed'].format(
+            detail=f'{type(exception).__name__}: {exception}. The model is inconsistent with itself or with these '
+            'targets: retrain it on these features and targets.'
+        )
     metrics.update(
         {'task': task, 'n_test': int(test.size), 'n_train': int(train.size), f'train_{main}': train_metrics[main]}
     )

@@ -2,6 +2,11 @@
 
 Loading goes through :mod:`aiida_mlworkbench.restricted_pickle`, because a model can arrive in an archive from
 someone else, and unpickling an arbitrary file runs arbitrary code.
+
+Stored format: the repository file ``model.pkl`` is the estimator pickled with protocol 5 (attribute
+``pickle_protocol``); the attribute ``checksum`` is ``sha256:`` and the hex digest of that file. What the pickle may
+contain is the reviewed list of :data:`aiida_mlworkbench.restricted_pickle.ADMITTED_CLASSES` (plus the modules named
+in ``trusted``): a model that needs anything else is refused when it is created, not when a colleague loads it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from aiida.orm import Data
 
-from aiida_mlworkbench.restricted_pickle import restricted_loads
+from aiida_mlworkbench.restricted_pickle import UnsafePickleError, restricted_loads
 
 if t.TYPE_CHECKING:
     from aiida_mlworkbench.data.sparse_features import SparseFeatureMatrix
@@ -31,7 +36,7 @@ PREDICT_BLOCK_SIZE = 4096
 
 
 class CorruptedModelError(Exception):
-    """The pickle in the repository is not the one that was stored (checksum mismatch)."""
+    """The pickle in the repository is not the one that was stored (checksum mismatch), or it cannot be read."""
 
 
 class IncompatibleFeaturesError(ValueError):
@@ -125,8 +130,9 @@ class TrainedModel(Data):
         """
         :param estimator: a fitted scikit-learn estimator.
         :param descriptor: parameters of the descriptor of the training features (``SparseFeatureMatrix.descriptor``).
-        :param trusted: modules outside scikit-learn, NumPy and SciPy that the estimator needs (its own code); they
-            are recorded, and whoever loads the model has to trust them too.
+        :param trusted: modules that the estimator needs beyond the admitted classes of
+            :data:`~aiida_mlworkbench.restricted_pickle.ADMITTED_CLASSES` (its own code); they are recorded, and whoever
+            loads the model has to trust them too.
         """
         super().__init__(**kwargs)
         if estimator is not None:
@@ -222,8 +228,9 @@ class TrainedModel(Data):
 
         :param trusted: extra modules you trust (their globals are admitted); the modules recorded at creation in the
             ``trusted_modules`` attribute are *not* trusted automatically, because the attribute comes with the file.
-        :raises CorruptedModelError: if the stored pickle does not match the stored checksum.
-        :raises aiida_mlworkbench.restricted_pickle.UnsafePickleError: if the pickle asks for anything not admitted.
+        :raises CorruptedModelError: if the stored pickle does not match the stored checksum, or cannot be read.
+        :raises aiida_mlworkbench.restricted_pickle.UnsafePickleError: if the pickle asks for anything not admitted
+            (nothing of it ran).
         """
         cached = getattr(self, '_estimator_cache', None)
         if cached is not None and not self.is_stored:
@@ -246,7 +253,16 @@ class TrainedModel(Data):
                 ModelVersionWarning,
                 stacklevel=2,
             )
-        return restricted_loads(content, trusted=trusted, source=f'TrainedModel<{self.pk}>')
+        try:
+            return restricted_loads(content, trusted=trusted, source=f'TrainedModel<{self.pk}>')
+        except UnsafePickleError:
+            raise
+        except Exception as exception:
+            # The checksum matches, so the file is the one the archive brought: malformed or forged, not damaged.
+            raise CorruptedModelError(
+                f'the pickle of TrainedModel<{self.pk}> cannot be read ({type(exception).__name__}: {exception}): '
+                'it was not written by TrainedModel. Retrain the model or re-import it from a trusted archive.'
+            ) from exception
 
     def _estimator_for_prediction(self, trusted: tuple[str, ...]) -> t.Any:
         """The estimator that :meth:`predict` uses: of a stored (immutable) node, loaded and checked once.
