@@ -181,7 +181,7 @@ def training_options(specification: Mapping[str, t.Any]) -> TrainingOptions:
             f"training must be a dictionary such as {{'mode': 'incremental', 'epochs': 5}}, got {options!r}"
         )
     mode = options.get('mode', 'in_memory')
-    if mode not in TRAINING_MODES:
+    if not isinstance(mode, str) or mode not in TRAINING_MODES:
         raise EstimatorSpecificationError(f'unknown training mode {mode!r}: choose one of {", ".join(TRAINING_MODES)}')
     if mode == 'in_memory':
         if set(options) - {'mode'}:
@@ -210,7 +210,7 @@ def training_options(specification: Mapping[str, t.Any]) -> TrainingOptions:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise EstimatorSpecificationError(f'training shuffle_seed must be a non-negative integer or None, got {seed!r}')
 
-    parameters = specification.get('parameters') or {}
+    parameters = _parameter_mapping(specification.get('parameters'), f'parameters of {name}')
     if parameters.get('early_stopping'):
         raise EstimatorSpecificationError(
             f'early_stopping needs the whole train set at once (fit): set it to False to train {name} incrementally'
@@ -243,21 +243,70 @@ def _check_parameters(cls: type, parameters: Mapping[str, t.Any], what: str) -> 
     if validate is not None:
         try:
             validate()
-        except InvalidParameterError as exception:
+        except (InvalidParameterError, TypeError, ValueError) as exception:
             raise EstimatorSpecificationError(f'invalid parameter for {what}: {exception}') from None
     return instance
 
 
+def _parameter_mapping(value: t.Any, what: str) -> dict[str, t.Any]:
+    """Return ``value`` (``None`` or a mapping of parameter names to JSON-like values) as a dictionary, or refuse it."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise EstimatorSpecificationError(
+            f"{what} must be a dictionary of parameter names to values, such as {{'C': 1.0}}, got {value!r}"
+        )
+    not_names = [key for key in value if not isinstance(key, str)]
+    if not_names:
+        raise EstimatorSpecificationError(f'{what} names must be strings, got {not_names!r}')
+    for key, item in value.items():
+        _check_finite(item, f'{what} {key!r}')
+    return dict(value)
+
+
+def _check_finite(value: t.Any, what: str) -> None:
+    """Refuse NaN and infinities anywhere in a parameter value: scikit-learn accepts some of them, then fails."""
+    if isinstance(value, float) and not np.isfinite(value):
+        raise EstimatorSpecificationError(f'{what} must be a finite number, got {value!r}')
+    if isinstance(value, Mapping):
+        for item in value.values():
+            _check_finite(item, what)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_finite(item, what)
+
+
 def _scaler_specification(scaler: t.Any) -> tuple[str, dict[str, t.Any]] | None:
+    usage = f"scaler must be None, a name ({', '.join(SCALERS)}) or {{'name': ..., 'parameters': {{...}}}}"
     if scaler is None:
         return None
     if isinstance(scaler, str):
-        return scaler, {}
-    if isinstance(scaler, Mapping) and 'name' in scaler:
-        return scaler['name'], dict(scaler.get('parameters', {}))
-    raise EstimatorSpecificationError(
-        f"scaler must be None, a name or {{'name': ..., 'parameters': {{...}}}}, got {scaler!r}"
-    )
+        name, parameters = scaler, {}
+    elif isinstance(scaler, Mapping) and 'name' in scaler:
+        unknown = sorted(map(str, set(scaler) - {'name', 'parameters'}))
+        if unknown:
+            raise EstimatorSpecificationError(f'{usage}; unknown scaler key(s) {unknown}')
+        name, parameters = scaler['name'], _parameter_mapping(scaler.get('parameters'), 'scaler parameters')
+    else:
+        raise EstimatorSpecificationError(f'{usage}, got {scaler!r}')
+    if not isinstance(name, str) or name not in SCALERS:
+        raise EstimatorSpecificationError(f'unknown scaler {name!r}: choose one of {", ".join(SCALERS)}')
+    return name, parameters
+
+
+def _soap_kernel(kernel: t.Any, name: str, parameters: Mapping[str, t.Any]) -> NormalizedSoapKernel:
+    if name not in KERNEL_ESTIMATORS:
+        raise EstimatorSpecificationError(
+            f'a kernel can be given only to {", ".join(KERNEL_ESTIMATORS)}, not to {name}'
+        )
+    if not isinstance(kernel, Mapping) or kernel.get('name') != 'soap' or set(kernel) - {'name', 'xi'}:
+        raise EstimatorSpecificationError(f"kernel must be {{'name': 'soap', 'xi': <number>}}, got {kernel!r}")
+    if 'kernel' in parameters:
+        raise EstimatorSpecificationError('give either the `kernel` key or a `kernel` parameter, not both')
+    xi = kernel.get('xi', 2)
+    if isinstance(xi, bool) or not isinstance(xi, (int, float)) or not np.isfinite(xi) or xi <= 0:
+        raise EstimatorSpecificationError(f'the SOAP kernel exponent xi must be a positive number, got {xi!r}')
+    return NormalizedSoapKernel(xi)
 
 
 def build_estimator(specification: Mapping[str, t.Any]) -> t.Any:
@@ -268,31 +317,22 @@ def build_estimator(specification: Mapping[str, t.Any]) -> t.Any:
     from sklearn.pipeline import Pipeline
 
     if not isinstance(specification, Mapping):
-        raise EstimatorSpecificationError(f'an estimator specification is a dictionary, got {type(specification)}')
-    unknown = sorted(set(specification) - KNOWN_KEYS)
+        raise EstimatorSpecificationError(
+            f"an estimator specification is a dictionary such as {{'estimator': 'SVC'}}, got {specification!r}"
+        )
+    unknown = sorted(map(str, set(specification) - KNOWN_KEYS))
     if unknown:
         raise EstimatorSpecificationError(
             f'unknown key(s) {", ".join(map(repr, unknown))} in the estimator specification; known: '
             f'{", ".join(sorted(KNOWN_KEYS))}'
         )
     name = specification.get('estimator')
-    if name not in ESTIMATORS:
+    if not isinstance(name, str) or name not in ESTIMATORS:
         raise EstimatorSpecificationError(f'unknown estimator {name!r}: choose one of {", ".join(sorted(ESTIMATORS))}')
-    parameters = dict(specification.get('parameters') or {})
+    parameters = _parameter_mapping(specification.get('parameters'), f'parameters of {name}')
     kernel = specification.get('kernel')
     if kernel is not None:
-        if name not in KERNEL_ESTIMATORS:
-            raise EstimatorSpecificationError(
-                f'a kernel can be given only to {", ".join(KERNEL_ESTIMATORS)}, not to {name}'
-            )
-        if not isinstance(kernel, Mapping) or kernel.get('name') != 'soap':
-            raise EstimatorSpecificationError(f"kernel must be {{'name': 'soap', 'xi': <number>}}, got {kernel!r}")
-        if 'kernel' in parameters:
-            raise EstimatorSpecificationError('give either the `kernel` key or a `kernel` parameter, not both')
-        xi = kernel.get('xi', 2)
-        if not isinstance(xi, (int, float)) or xi <= 0:
-            raise EstimatorSpecificationError(f'the SOAP kernel exponent xi must be a positive number, got {xi!r}')
-        parameters['kernel'] = NormalizedSoapKernel(xi)
+        parameters['kernel'] = _soap_kernel(kernel, name, parameters)
     estimator = _check_parameters(_import(ESTIMATORS[name]), parameters, name)
     training_options(specification)
 
@@ -300,8 +340,6 @@ def build_estimator(specification: Mapping[str, t.Any]) -> t.Any:
     if scaler is None:
         return estimator
     scaler_name, scaler_parameters = scaler
-    if scaler_name not in SCALERS:
-        raise EstimatorSpecificationError(f'unknown scaler {scaler_name!r}: choose one of {", ".join(SCALERS)}')
     if scaler_name == 'StandardScaler':
         if scaler_parameters.get('with_mean', False):
             raise EstimatorSpecificationError(
@@ -318,5 +356,5 @@ def validate_estimator_specification(specification: Mapping[str, t.Any]) -> str 
     try:
         build_estimator(specification)
     except EstimatorSpecificationError as exception:
-        return str(exception)
+        return f'invalid estimator specification: {exception}'
     return None

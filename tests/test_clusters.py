@@ -210,13 +210,13 @@ def test_batched_clusters_link_each_pair_to_its_cluster():
 
 
 def test_batch_with_a_key_without_host_fails_before_anything_is_made():
-    """``host_of`` naming a host key that is not an input gives exit code 300 and no clusters."""
+    """``host_of`` naming a host key that is not an input gives exit code 302 (invalid inputs) and no clusters."""
     host = _cu_host().store()
     info = orm.Dict({'Rcut': 3.7, 'Zimp': 26}).store()
     _, node = impurity_cluster_structures.run_get_node(
         hosts={'host_0000': host}, impurity_infos={'a': info}, host_of=orm.Dict({'a': 'host_0001'})
     )
-    assert node.exit_status == 300
+    assert node.exit_status == 302
     assert 'host_0001' in node.exit_message
     assert not node.base.links.get_outgoing().all()
 

@@ -196,9 +196,9 @@ class TestValidation:
             run_get_node(ImpurityLearningWorkChain.get_builder())
 
     def test_unknown_target(self, synthetic_embeddings):
-        builder = ImpurityLearningWorkChain.get_builder_from_embeddings(synthetic_embeddings[:4], target='magnetism')
+        """Refused as soon as the input is set on the builder."""
         with pytest.raises(ValueError, match='unknown target `magnetism`'):
-            run_get_node(builder)
+            ImpurityLearningWorkChain.get_builder_from_embeddings(synthetic_embeddings[:4], target='magnetism')
 
     def test_values_length_mismatch(self, synthetic_embeddings):
         builder = ImpurityLearningWorkChain.get_builder_from_embeddings(
@@ -233,11 +233,12 @@ class TestExitCodes:
         return node
 
     def test_cluster_extraction(self, synthetic_embeddings):
+        """An impurity position that is no site of the cluster is found only when the cluster is built."""
         host, _ = synthetic_embeddings[0]
-        broken = orm.Dict({'ilayer_center': 0, 'Rcut': 4.0})  # no Zimp
+        broken = orm.Dict({'ilayer_center': 0, 'Rcut': 4.0, 'Zimp': [26], 'Rimp_rel': [[0.3, 0.0, 0.0]]})
         node = self.run(ImpurityLearningWorkChain.get_builder_from_embeddings([(host, broken)] * 2))
         assert node.exit_status == ImpurityLearningWorkChain.exit_codes.ERROR_CLUSTER_EXTRACTION.status
-        assert 'Zimp' in node.exit_message
+        assert 'no site of the cluster' in node.exit_message
 
     def test_featurization(self, finished):
         clusters = clusters_of(finished)[:6]
@@ -248,13 +249,14 @@ class TestExitCodes:
         assert node.exit_status == ImpurityLearningWorkChain.exit_codes.ERROR_FEATURIZATION.status
         assert 'not in the descriptor species list' in node.exit_message
 
-    def test_targets(self, finished):
-        clusters = clusters_of(finished)[:4]
-        builder = ImpurityLearningWorkChain.get_builder_from_clusters(
-            clusters, descriptor=SMALL_SOAP, target='values', target_values=['a', 1, 'b', 2]
-        )
-        node = self.run(builder)
+    def test_targets(self):
+        """A host of empty spheres only has no lattice type: found when the targets are made."""
+        vacuum = orm.StructureData(cell=[[3.0, 0, 0], [0, 3.0, 0], [0, 0, 3.0]])
+        vacuum.append_atom(position=(0, 0, 0), symbols='X', name='X')
+        embeddings = [(vacuum, orm.Dict({'Rcut': 3.1, 'Zimp': [z]})) for z in (26, 27, 28, 29)]
+        node = self.run(ImpurityLearningWorkChain.get_builder_from_embeddings(embeddings, descriptor=SMALL_SOAP))
         assert node.exit_status == ImpurityLearningWorkChain.exit_codes.ERROR_TARGETS.status
+        assert 'no atoms' in node.exit_message
 
     def test_no_host_for_foreign_clusters(self, finished):
         clusters = [cluster.clone().store() for cluster in clusters_of(finished)[:4]]
@@ -262,13 +264,18 @@ class TestExitCodes:
         assert node.exit_status == ImpurityLearningWorkChain.exit_codes.ERROR_NO_HOST.status
 
     def test_split(self, finished):
-        clusters = clusters_of(finished)[:4]
+        """A grouped split of clusters of a single host has one group: found once the groups are known."""
+        groups = finished.outputs.groups.get_array('groups')
+        names, counts = np.unique(groups, return_counts=True)
+        rows = np.flatnonzero(groups == names[np.argmax(counts)])[:4]
+        assert len(rows) >= 2
+        clusters = [clusters_of(finished)[row] for row in rows]
         builder = ImpurityLearningWorkChain.get_builder_from_clusters(
-            clusters, descriptor=SMALL_SOAP, target='values', target_values=['a', 'a', 'a', 'b']
+            clusters, descriptor=SMALL_SOAP, split={'grouped': True}
         )
         node = self.run(builder)
         assert node.exit_status == ImpurityLearningWorkChain.exit_codes.ERROR_SPLIT.status
-        assert 'cannot stratify' in node.exit_message
+        assert 'at least two distinct groups' in node.exit_message
 
     def test_training(self, finished):
         clusters = clusters_of(finished)[:8]

@@ -22,7 +22,7 @@ from aiida.engine import ExitCode
 from aiida.manage import get_manager
 
 from aiida_mlworkbench.bulk_links import calcfunction
-from aiida_mlworkbench.kkr.geometry import RcutUnit, impurity_cluster
+from aiida_mlworkbench.kkr.geometry import ClusterTooLargeError, RcutUnit, check_embedding, impurity_cluster
 from aiida_mlworkbench.node_ids import rows_where, stored_pk
 
 if t.TYPE_CHECKING:
@@ -30,6 +30,10 @@ if t.TYPE_CHECKING:
 
 __all__ = (
     'DEFAULT_BATCH_SIZE',
+    'ERROR_CLUSTER_TOO_LARGE',
+    'ERROR_INVALID_EMBEDDING',
+    'ERROR_INVALID_INPUTS',
+    'EXIT_CODES',
     'EXTRA_HOST_FORMULA',
     'EXTRA_HOST_UUID',
     'EXTRA_IMPURITY_INFO_UUID',
@@ -38,6 +42,7 @@ __all__ = (
     'EXTRA_ZIMP',
     'batch_inputs',
     'build_impurity_clusters',
+    'check_embeddings',
     'cluster_structure',
     'hosts_of_clusters',
     'impurity_cluster_structure',
@@ -61,6 +66,20 @@ EXTRA_RCUT_UNIT = 'mlworkbench_rcut_unit'
 
 ERROR_INVALID_EMBEDDING = 300
 """Exit status of the calcfunctions when a pair is no valid impurity embedding (the message says why)."""
+ERROR_CLUSTER_TOO_LARGE = 301
+"""Exit status when an embedding asks for a cluster above :data:`~aiida_mlworkbench.kkr.geometry.MAX_CLUSTER_ATOMS`
+(or a neighbour search above its limit); refused before any site is generated."""
+ERROR_INVALID_INPUTS = 302
+"""Exit status when the inputs of :func:`impurity_cluster_structures` do not form embeddings (wrong namespaces, types
+or keys)."""
+
+EXIT_CODES = {
+    'invalid_embedding': ExitCode(ERROR_INVALID_EMBEDDING, 'invalid impurity embedding{key}: {detail}'),
+    'cluster_too_large': ExitCode(
+        ERROR_CLUSTER_TOO_LARGE, 'impurity embedding{key} asks for too large a cluster: {detail}'
+    ),
+    'invalid_inputs': ExitCode(ERROR_INVALID_INPUTS, 'invalid inputs: {detail}'),
+}
 
 Pair = tuple[orm.StructureData, orm.Dict]
 
@@ -151,7 +170,18 @@ def cluster_structure(
 def _rcut_unit(node: orm.Str | None) -> RcutUnit:
     if node is None:
         return RcutUnit.ANGSTROM
-    return RcutUnit(node.value)
+    try:
+        return RcutUnit(node.value)
+    except ValueError:
+        raise ValueError(
+            f'the unit of Rcut must be one of {", ".join(repr(unit.value) for unit in RcutUnit)}, got {node.value!r}.'
+        ) from None
+
+
+def _embedding_exit_code(exception: ValueError, key: str | None = None) -> ExitCode:
+    """The exit code for an embedding refused with ``exception``: too large, or invalid otherwise."""
+    name = 'cluster_too_large' if isinstance(exception, ClusterTooLargeError) else 'invalid_embedding'
+    return EXIT_CODES[name].format(key=f' {key}' if key else '', detail=str(exception))
 
 
 @calcfunction
@@ -162,7 +192,7 @@ def impurity_cluster_structure(
     try:
         return cluster_structure(host, impurity_info, _rcut_unit(rcut_unit))
     except ValueError as exception:
-        return ExitCode(ERROR_INVALID_EMBEDDING, f'invalid impurity embedding: {exception}')
+        return _embedding_exit_code(exception)
 
 
 @calcfunction
@@ -176,24 +206,13 @@ def impurity_cluster_structures(
     per embedding, or, since a batch holds many embeddings of few hosts, once each as ``hosts.<host key>`` with
     ``host_of``, a ``Dict`` from each embedding key to its host key (see :func:`batch_inputs`).
     """
+    problem = _input_problem(namespaces)
+    if problem:
+        return EXIT_CODES['invalid_inputs'].format(detail=problem)
     hosts = namespaces.get('hosts', {})
     impurity_infos = namespaces.get('impurity_infos', {})
     rcut_units = namespaces.get('rcut_units', {})
     host_of = namespaces['host_of'].get_dict() if 'host_of' in namespaces else {key: key for key in hosts}
-    unknown = set(namespaces) - {'hosts', 'impurity_infos', 'rcut_units', 'host_of'}
-    if (
-        unknown
-        or set(host_of) != set(impurity_infos)
-        or not set(host_of.values()) <= set(hosts)
-        or not set(rcut_units) <= set(impurity_infos)
-    ):
-        return ExitCode(
-            ERROR_INVALID_EMBEDDING,
-            'inputs must be the namespaces impurity_infos, hosts (with the same keys, or with the host keys that the '
-            'Dict host_of gives each embedding key) and optionally rcut_units (a subset of the keys); got '
-            f'{sorted(namespaces)}, embeddings without a host: {sorted(set(impurity_infos) - set(host_of))[:5]}, '
-            f'host keys without a host: {sorted(set(host_of.values()) - set(hosts))[:5]}.',
-        )
     hosts = {key: hosts[host_of[key]] for key in impurity_infos}
     clusters = {}
     snapshots = _HostSnapshots()
@@ -209,8 +228,51 @@ def impurity_cluster_structures(
                 impurity_info_content=contents[info.uuid],
             )
         except ValueError as exception:
-            return ExitCode(ERROR_INVALID_EMBEDDING, f'invalid impurity embedding {key}: {exception}')
+            return _embedding_exit_code(exception, key)
     return {'clusters': clusters}
+
+
+def _input_problem(namespaces: collections.abc.Mapping[str, t.Any]) -> str | None:
+    """Say what is wrong with the inputs of :func:`impurity_cluster_structures`, or return ``None``."""
+    usage = (
+        'inputs must be the namespaces impurity_infos (Dict), hosts (StructureData, with the same keys, or with the '
+        'host keys that the Dict host_of gives each embedding key) and optionally rcut_units (Str, a subset of the '
+        'keys)'
+    )
+    unknown = sorted(set(namespaces) - {'hosts', 'impurity_infos', 'rcut_units', 'host_of'})
+    if unknown:
+        return f'{usage}; unknown input(s) {unknown}.'
+    types = {'hosts': orm.StructureData, 'impurity_infos': orm.Dict, 'rcut_units': orm.Str}
+    for name, node_type in types.items():
+        namespace = namespaces.get(name, {})
+        if not isinstance(namespace, collections.abc.Mapping):
+            return f'{usage}; `{name}` is a single {type(namespace).__name__}, not a namespace.'
+        wrong = sorted(key for key, node in namespace.items() if not isinstance(node, node_type))
+        if wrong:
+            return f'{usage}; {name} {wrong[:5]} are not {node_type.__name__} nodes.'
+    if not namespaces.get('impurity_infos'):
+        return f'{usage}; no impurity_infos given.'
+    hosts, impurity_infos = namespaces.get('hosts', {}), namespaces['impurity_infos']
+    host_of_node = namespaces.get('host_of')
+    if host_of_node is None:
+        host_of = {key: key for key in hosts}
+    elif not isinstance(host_of_node, orm.Dict):
+        return f'{usage}; host_of is a {type(host_of_node).__name__}, not a Dict.'
+    else:
+        host_of = host_of_node.get_dict()
+        not_keys = sorted(key for key, value in host_of.items() if not isinstance(value, str))
+        if not_keys:
+            return f'{usage}; host_of must map embedding keys to host keys (strings), not for {not_keys[:5]}.'
+    if set(host_of) != set(impurity_infos) or not set(host_of.values()) <= set(hosts):
+        return (
+            f'{usage}; embeddings without a host: {sorted(set(impurity_infos) - set(host_of))[:5]}, host keys without '
+            f'a host: {sorted(set(host_of.values()) - set(hosts))[:5]}, host_of keys without an impurity_info: '
+            f'{sorted(set(host_of) - set(impurity_infos))[:5]}.'
+        )
+    stray_units = sorted(set(namespaces.get('rcut_units', {})) - set(impurity_infos))
+    if stray_units:
+        return f'{usage}; rcut_units of no embedding: {stray_units[:5]}.'
+    return None
 
 
 def _as_pairs(
@@ -230,6 +292,34 @@ def _as_pairs(
             )
         pairs.append((host, impurity_info, rcut_unit))
     return pairs
+
+
+def check_embeddings(
+    embeddings: collections.abc.Sequence[tuple[str, orm.StructureData, orm.Dict, RcutUnit | str | None]],
+    *,
+    build: bool = False,
+) -> None:
+    """Check (name, host, ``impurity_info``, ``Rcut`` unit) embeddings without storing anything.
+
+    With ``build=False`` only what needs no cluster (:func:`~aiida_mlworkbench.kkr.geometry.check_embedding`: the
+    ``impurity_info``, the unit, the host's sites, the cluster-size limit), fast enough for a process's input
+    validator; with ``build=True`` the clusters are built too, which also checks that ``Rimp_rel`` and ``imp_cls`` name
+    sites of the cluster. Each host is read once however many embeddings share it.
+
+    :raises ValueError: naming the embedding, its nodes and the problem (:class:`ClusterTooLargeError` for a cluster
+        over the size limit).
+    """
+    snapshots = _HostSnapshots()
+    contents = _impurity_info_contents(info for _, _, info, _ in embeddings)
+    check = impurity_cluster if build else check_embedding
+    for name, host, impurity_info, rcut_unit in embeddings:
+        try:
+            check(snapshots(host), contents[impurity_info.uuid], RcutUnit.ANGSTROM if rcut_unit is None else rcut_unit)
+        except ValueError as exception:
+            error = ClusterTooLargeError if isinstance(exception, ClusterTooLargeError) else ValueError
+            raise error(
+                f'{name} (host {host.get_formula()} <{host.uuid}>, impurity_info <{impurity_info.uuid}>): {exception}'
+            ) from exception
 
 
 def batch_inputs(
@@ -271,19 +361,10 @@ def build_impurity_clusters(
     :param batch_size: embeddings per :func:`impurity_cluster_structures` process.
     :raises ValueError: naming the embedding and the problem, before anything is stored, if one is invalid.
     """
-    if batch_size < 1:
-        raise ValueError(f'batch_size must be at least 1, got {batch_size}.')
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f'batch_size must be an integer of at least 1, got {batch_size!r}.')
     pairs = _as_pairs(embeddings)
-    snapshots = _HostSnapshots()
-    contents = _impurity_info_contents(info for _, info, _ in pairs)
-    for index, (host, impurity_info, rcut_unit) in enumerate(pairs):
-        try:
-            impurity_cluster(snapshots(host), contents[impurity_info.uuid], rcut_unit)
-        except ValueError as exception:
-            raise ValueError(
-                f'embedding {index} (host {host.get_formula()} {host.uuid}, impurity_info {impurity_info.uuid}): '
-                f'{exception}'
-            ) from exception
+    check_embeddings([(f'embedding {index}', *pair) for index, pair in enumerate(pairs)], build=True)
 
     clusters: list[orm.StructureData] = []
     unit_nodes: dict[RcutUnit, orm.Str] = {}

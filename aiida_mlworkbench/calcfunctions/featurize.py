@@ -40,6 +40,8 @@ EXIT_CODES = {
     'species_outside_list': ExitCode(341, '{detail}'),
     'no_structures': ExitCode(342, 'no structures to featurize: pass at least one'),
     'bad_row_label': ExitCode(343, 'structure input `{label}` is not named `row_<index>` with indices 0, 1, ...'),
+    'empty_structure': ExitCode(344, 'structure input `{label}` ({uuid}) has no atoms: leave it out or fix it'),
+    'invalid_structure': ExitCode(345, 'input `{label}` cannot be featurized: {detail}'),
 }
 
 _JOBS: contextvars.ContextVar[int] = contextvars.ContextVar('mlworkbench_featurization_jobs', default=1)
@@ -86,27 +88,49 @@ def featurize(descriptor: orm.Dict, **structures: orm.StructureData) -> SparseFe
     if hasattr(featurizer, 'n_jobs'):
         featurizer.n_jobs = _JOBS.get()
 
-    atoms = structures_as_atoms([structures[label] for label in labels])
+    for label in labels:
+        if not isinstance(structures[label], orm.StructureData):
+            detail = f'it is a {type(structures[label]).__name__}, not a StructureData'
+            return EXIT_CODES['invalid_structure'].format(label=label, detail=detail)
     try:
-        featurizer.fit(atoms)
-    except StructureNotDescribableError as exception:
+        atoms = structures_as_atoms([structures[label] for label in labels])
+    except ValueError:  # a site that is no single atom (alloy, vacancy): name the first such input
+        for label in labels:
+            try:
+                structures_as_atoms([structures[label]])
+            except ValueError as exception:
+                return EXIT_CODES['invalid_structure'].format(label=label, detail=str(exception))
+        raise
+    for label, structure in zip(labels, atoms, strict=True):
+        if not len(structure):
+            return EXIT_CODES['empty_structure'].format(label=label, uuid=structures[label].uuid)
+
+    def species_exit_code(exception: StructureNotDescribableError) -> ExitCode:
         node = structures[labels[exception.index]]
         detail = f'{exception} (input `{labels[exception.index]}`, {node.get_formula()} <{node.uuid}>)'
         return EXIT_CODES['species_outside_list'].format(detail=detail)
-    except ValueError as exception:
-        return EXIT_CODES['species_outside_list'].format(detail=str(exception))
+
+    try:
+        featurizer.fit(atoms)
+    except StructureNotDescribableError as exception:
+        return species_exit_code(exception)
+    except ValueError as exception:  # the descriptor refuses its parameters once it knows the species
+        return EXIT_CODES['invalid_descriptor'].format(detail=str(exception))
 
     blocks = progress(
         featurizer.iter_blocks(atoms, block_size=DEFAULT_BLOCK_SIZE),
         total=-(-len(atoms) // DEFAULT_BLOCK_SIZE),
         description=f'featurizing {len(atoms)} structures ({featurizer.name})',
     )
-    return SparseFeatureMatrix.from_blocks(
-        blocks,
-        featurizer.n_features,
-        descriptor=featurizer.parameters,
-        dtype=getattr(featurizer, 'dtype', 'float64'),
-    )
+    try:
+        return SparseFeatureMatrix.from_blocks(
+            blocks,
+            featurizer.n_features,
+            descriptor=featurizer.parameters,
+            dtype=getattr(featurizer, 'dtype', 'float64'),
+        )
+    except StructureNotDescribableError as exception:
+        return species_exit_code(exception)
 
 
 def structures_as_atoms(structures: Sequence[orm.StructureData]) -> list[ase.Atoms]:

@@ -23,12 +23,14 @@ import typing as t
 import numpy as np
 import spglib
 from aiida import orm
-from aiida.engine import calcfunction
+from aiida.engine import ExitCode, calcfunction
 
 __all__ = (
     'DEFAULT_SYMPREC',
+    'EXIT_CODES',
     'LATTICE_LABELS',
     'LatticeType',
+    'check_symprec',
     'classify_lattice',
     'host_lattice_type',
     'host_lattice_types',
@@ -41,6 +43,11 @@ DEFAULT_SYMPREC: float = 1e-3
 Loose enough for round-off from unit conversions (Bohr to Angstrom, alat units), tight enough that a real distortion of
 a per cent is not symmetrised away.
 """
+
+EXIT_CODES = {
+    'invalid_symprec': ExitCode(360, 'symprec must be a positive finite distance in Angstrom (e.g. 1e-3), got {value}'),
+    'unclassifiable_structure': ExitCode(361, 'the lattice type of structure `{label}` cannot be found: {detail}'),
+}
 
 LatticeLabel = t.Literal['bcc', 'fcc', 'hcp', 'other']
 LATTICE_LABELS: tuple[LatticeLabel, ...] = ('bcc', 'fcc', 'hcp', 'other')
@@ -87,6 +94,13 @@ def _spglib_cell(structure: orm.StructureData) -> tuple[list, list, list[int]]:
     return cell.tolist(), fractional.tolist(), types
 
 
+def check_symprec(symprec: t.Any) -> float:
+    """Return the symmetry tolerance as a float, or raise if it is no positive finite distance."""
+    if isinstance(symprec, bool) or not isinstance(symprec, (int, float)) or not 0 < symprec < float('inf'):
+        raise ValueError(f'symprec must be a positive finite distance in Angstrom (e.g. 1e-3), got {symprec!r}.')
+    return float(symprec)
+
+
 def classify_lattice(structure: orm.StructureData, symprec: float = DEFAULT_SYMPREC) -> LatticeType:
     """Return the lattice type (bcc, fcc, hcp or other) of ``structure`` by the rule of this module.
 
@@ -94,8 +108,7 @@ def classify_lattice(structure: orm.StructureData, symprec: float = DEFAULT_SYMP
     :param symprec: distance tolerance of the symmetry search in Angstrom.
     :raises ValueError: if the structure holds no atoms or spglib cannot analyse it.
     """
-    if symprec <= 0:
-        raise ValueError(f'symprec must be a positive distance in Angstrom, got {symprec}.')
+    check_symprec(symprec)
 
     if not all(structure.pbc):
         return LatticeType('other', None, None, None, symprec)
@@ -130,7 +143,8 @@ def host_lattice_type(structure: orm.StructureData, symprec: orm.Float = DEFAULT
     Returns a ``Dict`` with ``lattice`` (``bcc``, ``fcc``, ``hcp`` or ``other``), ``spacegroup_number``,
     ``international_symbol``, ``n_atoms_primitive`` and ``symprec``.
     """
-    return orm.Dict(classify_lattice(structure, symprec.value).as_dict())
+    outputs = _lattice_types(symprec.value, {'structure': structure})
+    return outputs if isinstance(outputs, ExitCode) else outputs['structure']
 
 
 @calcfunction
@@ -139,9 +153,25 @@ def host_lattice_types(symprec: orm.Float = DEFAULT_SYMPREC, **structures: orm.S
 
     Each output ``Dict`` (as from :func:`host_lattice_type`) has the link label of its input structure.
     """
-    return {
-        label: orm.Dict(classify_lattice(structure, symprec.value).as_dict()) for label, structure in structures.items()
-    }
+    return _lattice_types(symprec.value, structures)
+
+
+def _lattice_types(symprec: float, structures: t.Mapping[str, t.Any]) -> dict[str, orm.Dict] | ExitCode:
+    """The lattice type ``Dict`` of each structure, or the exit code that names the first problem."""
+    try:
+        check_symprec(symprec)
+    except ValueError:
+        return EXIT_CODES['invalid_symprec'].format(value=repr(symprec))
+    outputs = {}
+    for label, structure in structures.items():
+        if not isinstance(structure, orm.StructureData):
+            detail = f'it is a {type(structure).__name__}, not a StructureData'
+            return EXIT_CODES['unclassifiable_structure'].format(label=label, detail=detail)
+        try:
+            outputs[label] = orm.Dict(classify_lattice(structure, symprec).as_dict())
+        except ValueError as exception:
+            return EXIT_CODES['unclassifiable_structure'].format(label=label, detail=str(exception))
+    return outputs
 
 
 def label_host_lattices(

@@ -10,6 +10,7 @@ featurizations with equal features have equal parameters (and equal hashes for A
 from __future__ import annotations
 
 import abc
+import inspect
 import typing as t
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -102,6 +103,15 @@ class Descriptor(abc.ABC):
         name = parameters.pop('name', cls.name)
         if name != cls.name:
             raise ValueError(f'parameters are for descriptor {name!r}, not {cls.name!r}')
+        accepted = inspect.signature(cls).parameters.values()
+        if not any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in accepted):
+            known = {parameter.name for parameter in accepted} - set(options)
+            unknown = sorted(map(str, set(parameters) - known))
+            if unknown:
+                raise ValueError(
+                    f'unknown parameter(s) {", ".join(map(repr, unknown))} of descriptor {cls.name!r}: its parameters '
+                    f'are {", ".join(sorted(known))}'
+                )
         return cls(**parameters, **options)
 
     def __repr__(self) -> str:
@@ -141,6 +151,15 @@ def get_descriptor(parameters: Mapping[str, t.Any], **options: t.Any) -> Descrip
     :param parameters: must hold ``name``, the registry key; the rest goes to the class's ``from_parameters``.
     :param options: run-time settings that do not change the features, for example ``n_jobs``.
     """
+    if not isinstance(parameters, Mapping):
+        raise ValueError(
+            f"descriptor parameters must be a dictionary such as {{'name': 'soap', ...}}, got {parameters!r}"
+        )
     if 'name' not in parameters:
         raise ValueError(f'descriptor parameters need a `name`, one of: {", ".join(registered_descriptors())}')
+    if not isinstance(parameters['name'], str):
+        raise ValueError(
+            f'descriptor `name` must be a string, one of: {", ".join(registered_descriptors())}; '
+            f'got {parameters["name"]!r}'
+        )
     return get_descriptor_class(parameters['name']).from_parameters(parameters, **options)

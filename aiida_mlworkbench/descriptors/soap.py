@@ -39,6 +39,15 @@ __all__ = ('SpeciesAwareSOAP',)
 SUPPORTED_AVERAGES = ('inner', 'outer')
 SUPPORTED_RBFS = ('gto', 'polynomial')
 SUPPORTED_DTYPES = ('float32', 'float64')
+WEIGHTING_KEYS = frozenset({'function', 'r0', 'c', 'd', 'm', 'w0', 'threshold'})
+
+MAX_R_CUT = 50.0
+"""Largest cutoff radius in Angstrom: beyond the largest impurity cluster (about 18 Angstrom at
+:data:`~aiida_mlworkbench.kkr.geometry.MAX_CLUSTER_ATOMS`) a larger cutoff changes nothing but the cost."""
+MAX_N_MAX = 20
+"""Most radial basis functions; DScribe's basis fails to normalise above about 16 at usual cutoffs anyway."""
+MAX_L_MAX = 20
+"""DScribe's own limit of the spherical harmonics degree."""
 
 
 @register_descriptor
@@ -82,26 +91,19 @@ class SpeciesAwareSOAP(Descriptor):
         compression: Mapping[str, t.Any] | None = None,
         n_jobs: int = 1,
     ) -> None:
-        if average not in SUPPORTED_AVERAGES:
-            raise ValueError(
-                f'average={average!r} is not supported: use one of {SUPPORTED_AVERAGES}. The descriptor gives one row '
-                "per structure; average='off' would give one row per atom."
-            )
-        if rbf not in SUPPORTED_RBFS:
-            raise ValueError(f'rbf={rbf!r} is not supported: use one of {SUPPORTED_RBFS}')
-        if dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f'dtype={dtype!r} is not supported: use one of {SUPPORTED_DTYPES}')
-        if compression is not None and (
-            compression.get('mode', 'off') != 'off' or compression.get('species_weighting') is not None
-        ):
-            raise ValueError(
-                f'compression={dict(compression)!r} is not supported: compressed SOAP mixes species, so it cannot be '
-                "computed from the species present only. Leave it out or use {'mode': 'off'}."
-            )
-        if r_cut is None and not weighting:
-            raise ValueError('either r_cut or a weighting that defines the cutoff is needed')
-        if not isinstance(n_jobs, int) or n_jobs == 0:
-            raise ValueError(f'n_jobs must be a non-zero integer, got {n_jobs!r}')
+        _check_parameters(
+            r_cut=r_cut,
+            n_max=n_max,
+            l_max=l_max,
+            sigma=sigma,
+            rbf=rbf,
+            average=average,
+            weighting=weighting,
+            periodic=periodic,
+            dtype=dtype,
+            compression=compression,
+            n_jobs=n_jobs,
+        )
 
         self.r_cut = None if r_cut is None else float(r_cut)
         self.n_max = int(n_max)
@@ -119,6 +121,8 @@ class SpeciesAwareSOAP(Descriptor):
         self._template_soap: SOAP | None = None
         if species is not None:
             self._set_species(species)
+        else:
+            self._dscribe_soap(['H'], sparse=False)  # DScribe's own checks (weighting, basis), before any fit
 
     # -- the feature space ---------------------------------------------------------------------------------------
 
@@ -157,6 +161,14 @@ class SpeciesAwareSOAP(Descriptor):
 
     def fit(self, structures: Sequence[ase.Atoms]) -> SpeciesAwareSOAP:
         """Take the species of ``structures`` as the species list if none was given, else check they are covered."""
+        for index, structure in enumerate(structures):
+            numbers = structure.get_atomic_numbers()
+            if numbers.size and (numbers.min() < 1 or numbers.max() >= len(chemical_symbols)):
+                raise StructureNotDescribableError(
+                    f'structure {index} ({structure.get_chemical_formula()}) holds atoms that are no element (atomic '
+                    'number 0, e.g. an empty sphere X): leave them out',
+                    index,
+                )
         if self._species is None:
             present = sorted({int(number) for structure in structures for number in structure.get_atomic_numbers()})
             if not present:
@@ -291,19 +303,22 @@ class SpeciesAwareSOAP(Descriptor):
         return soap, global_columns
 
     def _dscribe_soap(self, species: Sequence[str | int], sparse: bool) -> SOAP:
-        return SOAP(
-            species=species,
-            r_cut=self.r_cut,
-            n_max=self.n_max,
-            l_max=self.l_max,
-            sigma=self.sigma,
-            rbf=self.rbf,
-            weighting=copy.deepcopy(self.weighting),  # DScribe writes into the dictionary.
-            average=self.average,
-            periodic=self.periodic,
-            sparse=sparse,
-            dtype=self._dtype,
-        )
+        try:
+            return SOAP(
+                species=species,
+                r_cut=self.r_cut,
+                n_max=self.n_max,
+                l_max=self.l_max,
+                sigma=self.sigma,
+                rbf=self.rbf,
+                weighting=copy.deepcopy(self.weighting),  # DScribe writes into the dictionary.
+                average=self.average,
+                periodic=self.periodic,
+                sparse=sparse,
+                dtype=self._dtype,
+            )
+        except (ValueError, TypeError, ArithmeticError, np.linalg.LinAlgError) as exception:
+            raise ValueError(f'DScribe refuses the SOAP parameters: {exception}') from None
 
     def _check_species(self, structure: ase.Atoms, index: int) -> tuple[int, ...]:
         """Return the sorted atomic numbers of ``structure``; raise if one is outside the species list."""
@@ -322,13 +337,23 @@ class SpeciesAwareSOAP(Descriptor):
         return numbers
 
     def _set_species(self, species: Sequence[str | int]) -> None:
-        if isinstance(species, str):
-            raise ValueError(f'species must be a list of symbols or atomic numbers, got the string {species!r}')
+        if isinstance(species, (str, bytes)) or not isinstance(species, (Sequence, np.ndarray)):
+            raise ValueError(
+                f"species must be a list of chemical symbols or atomic numbers such as ['Cu', 'Fe'], got {species!r}"
+            )
         numbers = set()
         for entry in species:
-            number = atomic_numbers.get(entry) if isinstance(entry, str) else int(entry)
+            if isinstance(entry, str):
+                number = atomic_numbers.get(entry)
+            elif isinstance(entry, (int, np.integer)) and not isinstance(entry, bool):
+                number = int(entry)
+            else:
+                number = None
             if number is None or not 0 < number < len(chemical_symbols):
-                raise ValueError(f'unknown chemical species {entry!r}')
+                raise ValueError(
+                    f'unknown chemical species {entry!r}: give element symbols (Cu) or atomic numbers from 1 to '
+                    f'{len(chemical_symbols) - 1}'
+                )
             numbers.add(number)
         if not numbers:
             raise ValueError('the species list is empty')
@@ -351,6 +376,86 @@ class SpeciesAwareSOAP(Descriptor):
         state['_per_species_set'] = {}
         state['_template_soap'] = None  # Cheap to rebuild; keeps pickles for worker processes small.
         return state
+
+
+def _is_number(value: t.Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _is_integer(value: t.Any) -> bool:
+    """Whether ``value`` is an integer: ``2.0``, ``2.5`` and ``True`` are not (they would be truncated or mean 1)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_choice(name: str, value: t.Any, choices: tuple[str, ...], why: str = '') -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f'{name}={value!r} is not supported: use one of {choices}.{why}')
+
+
+def _check_parameters(
+    *,
+    r_cut: t.Any,
+    n_max: t.Any,
+    l_max: t.Any,
+    sigma: t.Any,
+    rbf: t.Any,
+    average: t.Any,
+    weighting: t.Any,
+    periodic: t.Any,
+    dtype: t.Any,
+    compression: t.Any,
+    n_jobs: t.Any,
+) -> None:
+    """Refuse SOAP parameters of the wrong type or out of range, naming the parameter and the allowed values.
+
+    DScribe checks some of them only when its SOAP is built, some not at all (``n_max=2.5`` is truncated, ``r_cut=-1``
+    fails deep in the basis): checked here, the port validator of the work chain refuses them before anything runs.
+    """
+    _check_choice(
+        'average',
+        average,
+        SUPPORTED_AVERAGES,
+        " The descriptor gives one row per structure; average='off' would give one row per atom.",
+    )
+    _check_choice('rbf', rbf, SUPPORTED_RBFS)
+    _check_choice('dtype', dtype, SUPPORTED_DTYPES)
+    if compression is not None and not isinstance(compression, Mapping):
+        raise ValueError(f"compression must be left out or {{'mode': 'off'}}, got {compression!r}")
+    if compression is not None and (
+        compression.get('mode', 'off') != 'off' or compression.get('species_weighting') is not None
+    ):
+        raise ValueError(
+            f'compression={dict(compression)!r} is not supported: compressed SOAP mixes species, so it cannot be '
+            "computed from the species present only. Leave it out or use {'mode': 'off'}."
+        )
+    if weighting is not None and not isinstance(weighting, Mapping):
+        raise ValueError(f"weighting must be DScribe's weighting dictionary or left out, got {weighting!r}")
+    if weighting:
+        unknown = sorted(set(weighting) - WEIGHTING_KEYS)
+        if unknown:
+            raise ValueError(f'unknown weighting key(s) {unknown}: DScribe knows {sorted(WEIGHTING_KEYS)}')
+        for key, value in weighting.items():
+            if key != 'function' and (not _is_number(value) or not np.isfinite(value)):
+                raise ValueError(f'weighting {key!r} must be a finite number, got {value!r}')
+    if r_cut is None:
+        if not weighting:
+            raise ValueError('either r_cut or a weighting that defines the cutoff is needed: give r_cut, e.g. 6.0')
+    elif not _is_number(r_cut) or not np.isfinite(r_cut) or not 0 < r_cut <= MAX_R_CUT:
+        raise ValueError(
+            f'r_cut must be a cutoff radius in Angstrom, above 0 and at most {MAX_R_CUT} (MAX_R_CUT), got {r_cut!r}'
+        )
+    elif rbf == 'gto' and r_cut <= 1:
+        raise ValueError(f"r_cut must be above 1 Angstrom for rbf='gto' (DScribe's rule), got {r_cut!r}")
+    if not _is_integer(n_max) or not 1 <= n_max <= MAX_N_MAX:
+        raise ValueError(f'n_max must be an integer from 1 to {MAX_N_MAX} (radial basis functions), got {n_max!r}')
+    if not _is_integer(l_max) or not 0 <= l_max <= MAX_L_MAX:
+        raise ValueError(f"l_max must be an integer from 0 to {MAX_L_MAX} (DScribe's limit), got {l_max!r}")
+    if not _is_number(sigma) or not np.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f'sigma must be a positive width in Angstrom, e.g. 1.0, got {sigma!r}')
+    if not isinstance(periodic, (bool, np.bool_)):
+        raise ValueError(f'periodic must be true or false, got {periodic!r}')
+    if not _is_integer(n_jobs) or n_jobs == 0:
+        raise ValueError(f'n_jobs must be a non-zero integer, got {n_jobs!r}')
 
 
 @functools.lru_cache(maxsize=8)

@@ -40,19 +40,56 @@ import numpy as np
 from aiida import orm
 
 __all__ = (
+    'MAX_CLUSTER_ATOMS',
+    'MAX_CYLINDER_SEARCH_SITES',
+    'MAX_SEARCH_SITES',
+    'ClusterSize',
+    'ClusterTooLargeError',
     'ImpurityInfo',
     'RcutUnit',
+    'check_embedding',
+    'estimate_cluster_size',
     'host_alat',
     'host_site_atomic_numbers',
     'impurity_cluster',
     'parse_impurity_info',
 )
 
+MAX_CLUSTER_ATOMS = 2000
+"""Largest impurity cluster built, in sites (atoms and empty spheres) within ``Rcut`` or rows of ``imp_cls``.
+
+The clusters of real aiida-kkr databases are far smaller: at most 29 ``scoef`` rows (14 atoms) in the shared aiida-kkr
+archives, 19 atoms in the synthetic 7100-embedding database, and juKKR's impurity solver, whose cost grows with the
+cube of the cluster size, is run on clusters of tens to a few hundred sites. 2000 sites is about 70 times the largest
+real cluster and an ``Rcut`` of about 18 Angstrom in fcc Cu. Before ``Rcut`` is used, the number of sites is estimated
+from the host's density: ``4/3 pi Rcut^3`` (a cylinder: ``pi Rcut^2 hcut``) divided by the volume per site of the host
+cell, which is within a few per cent of the count for clusters of more than a hundred sites.
+"""
+
+MAX_SEARCH_SITES = 30_000
+"""Most candidate sites aiida-kkr's neighbour search (``create_scoef_array``) may generate for a spherical cluster.
+
+The search builds every host site in a box of ``(2 b + 1)^3`` cells, ``b = int(Rcut / shortest cell length + 3)``,
+appending them one by one (time quadratic in their number): 20,000 candidates took 0.6 s, 37,000 took 11 s, 62,500
+took 32 s on the development machine. The cluster-size limit alone does not bound this for hosts with many sites
+per cell or a short cell vector; a cluster of :data:`MAX_CLUSTER_ATOMS` sites in fcc Cu needs at most 13,500.
+"""
+
+MAX_CYLINDER_SEARCH_SITES = 3_000
+"""Most candidate sites of aiida-kkr's neighbour search for a cylindrical cluster (``hcut > 0``).
+
+The cylinder test rotates all candidates once per candidate: 1,400 candidates took 6 s and 2,900 took 29 s.
+"""
+
 _MAX_ATOMIC_NUMBER = 118
 _RIMP_REL_TOLERANCE = 1e-4
 """How far (in alat units) an ``Rimp_rel`` may lie from the cluster site it names; rows of a cluster are >0.1 apart."""
 _OCCUPATION_TOLERANCE = 1e-6
 _SCOEF_CACHE_SIZE = 4096
+
+
+class ClusterTooLargeError(ValueError):
+    """The cluster an ``impurity_info`` asks for exceeds :data:`MAX_CLUSTER_ATOMS` (or the neighbour search limits)."""
 
 
 class RcutUnit(str, enum.Enum):
@@ -89,6 +126,16 @@ def _atomic_number(value: t.Any, what: str) -> int:
     if not number.is_integer() or not 0 <= number <= _MAX_ATOMIC_NUMBER:
         raise ValueError(f'{what} must be an integer atomic number between 0 and {_MAX_ATOMIC_NUMBER}, got {value!r}.')
     return int(number)
+
+
+def _number(value: t.Any, what: str) -> float:
+    """Return ``value`` as a finite float; a bool, a string or a list is no number, whatever ``float`` makes of it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f'{what} must be a number, got {value!r}.')
+    number = float(value)
+    if not np.isfinite(number):
+        raise ValueError(f'{what} must be a finite number, got {value!r}.')
+    return number
 
 
 def _vector(value: t.Any, what: str) -> tuple[float, float, float]:
@@ -140,6 +187,11 @@ def parse_impurity_info(impurity_info: orm.Dict | collections.abc.Mapping[str, t
                 "impurity_info 'imp_cls' must have one row (x, y, z, host site, Z, distance) per cluster site, "
                 f'got shape {imp_cls.shape}.'
             )
+        if imp_cls.shape[0] > MAX_CLUSTER_ATOMS:
+            raise ClusterTooLargeError(
+                f"impurity_info 'imp_cls' has {imp_cls.shape[0]} rows, more than the limit of {MAX_CLUSTER_ATOMS} "
+                'cluster sites (aiida_mlworkbench.kkr.geometry.MAX_CLUSTER_ATOMS): give a smaller cluster.'
+            )
         return ImpurityInfo(zimp=zimp, rimp_rel=rimp_rel, imp_cls=tuple(map(tuple, imp_cls.tolist())))
 
     if 'Rcut' not in impurity_info:
@@ -147,17 +199,24 @@ def parse_impurity_info(impurity_info: orm.Dict | collections.abc.Mapping[str, t
             "impurity_info needs either 'Rcut' (cluster radius around 'ilayer_center') or 'imp_cls' (explicit "
             f'cluster); keys: {sorted(impurity_info)}.'
         )
-    try:
-        rcut = float(impurity_info['Rcut'])
-        hcut = float(impurity_info.get('hcut', -1.0))
-        ilayer_center = impurity_info.get('ilayer_center', 0)
-    except (TypeError, ValueError):
-        raise ValueError(f"impurity_info 'Rcut' and 'hcut' must be numbers, got {impurity_info!r}.") from None
-    if not np.isfinite(rcut) or rcut <= 0:
+    rcut = _number(impurity_info['Rcut'], "impurity_info 'Rcut'")
+    hcut = _number(impurity_info.get('hcut', -1.0), "impurity_info 'hcut'")
+    ilayer_center = impurity_info.get('ilayer_center', 0)
+    if rcut <= 0:
         raise ValueError(f"impurity_info 'Rcut' must be a positive radius, got {impurity_info['Rcut']!r}.")
-    if isinstance(ilayer_center, bool) or not float(ilayer_center).is_integer() or ilayer_center < 0:
-        raise ValueError(f"impurity_info 'ilayer_center' must be a host site index >= 0, got {ilayer_center!r}.")
+    if (
+        isinstance(ilayer_center, bool)
+        or not isinstance(ilayer_center, (int, float, np.integer, np.floating))
+        or not np.isfinite(ilayer_center)
+        or not float(ilayer_center).is_integer()
+        or ilayer_center < 0
+    ):
+        raise ValueError(
+            f"impurity_info 'ilayer_center' must be a host site index (an integer >= 0), got {ilayer_center!r}."
+        )
     orient = _vector(impurity_info.get('cylinder_orient', [0.0, 0.0, 1.0]), "impurity_info 'cylinder_orient'")
+    if hcut > 0 and not np.linalg.norm(orient) > 0:
+        raise ValueError("impurity_info 'cylinder_orient' must be a non-zero 3-vector (the axis of the cylinder).")
     return ImpurityInfo(
         zimp=zimp,
         rimp_rel=rimp_rel,
@@ -242,6 +301,116 @@ def _cached_scoef_rows(host: orm.StructureData, rcut: float, hcut: float, orient
     return rows
 
 
+@dataclasses.dataclass(frozen=True)
+class ClusterSize:
+    """Estimated size of the cluster of an embedding, computed from the host cell before any site is generated."""
+
+    n_sites: float
+    """Estimated sites (atoms and empty spheres) of the cluster: exact for ``imp_cls``, from the density for Rcut."""
+    n_search_sites: int
+    """Candidate sites aiida-kkr's neighbour search generates (0 for ``imp_cls``, which needs no search)."""
+    cylinder: bool = False
+
+
+def estimate_cluster_size(
+    host: orm.StructureData, impurity_info: ImpurityInfo, rcut_unit: RcutUnit | str = RcutUnit.ANGSTROM
+) -> ClusterSize:
+    """Return the estimated size of the cluster and of aiida-kkr's neighbour search, from the host cell only.
+
+    The search box is the one ``aiida_kkr.tools.tools_kkrimp.find_neighbors`` builds, so the estimate bounds the time
+    of ``create_scoef_array`` before it runs.
+
+    :raises ValueError: if the host cell has a vector of zero length (no search box can be built around it).
+    """
+    if impurity_info.is_explicit_cluster:
+        return ClusterSize(float(len(impurity_info.imp_cls or ())), 0)
+    cell = np.array(host.cell, dtype=float)
+    n_host_sites = len(host.sites)
+    lengths = np.linalg.norm(cell, axis=1)
+    if not host.pbc[2]:  # as find_neighbors: the third vector spans the sites' height plus 10 Angstrom
+        positions = np.array([site.position for site in host.sites], dtype=float)
+        top = positions[positions[:, 2] == positions[:, 2].max()][0].copy()
+        top[2] += 10
+        lengths[2] = float(np.sum(np.abs(top)))
+    if not np.all(np.isfinite(lengths)) or not np.all(lengths > 0):
+        raise ValueError(f'the host cell has a vector of zero length ({lengths.tolist()}): it is no crystal.')
+    scale = host_alat(host) if RcutUnit(rcut_unit) is RcutUnit.ALAT else 1.0
+    rcut = impurity_info.rcut * scale if impurity_info.rcut is not None else 0.0
+    cylinder = impurity_info.hcut > 0
+    hcut = impurity_info.hcut * scale if cylinder else 0.0
+    reach = max(hcut / 2.0, rcut) if cylinder else rcut
+    # A box too large for an int is refused anyway: cap the count instead of overflowing.
+    box = float(np.max(np.floor(reach / lengths + 3)))
+    n_search = min(n_host_sites * (2 * box + 1) ** 3 + 1, float(2**62))
+    volume_per_site = abs(float(np.linalg.det(cell))) / max(n_host_sites, 1)
+    if volume_per_site > 0:
+        volume = np.pi * rcut**2 * hcut if cylinder else 4.0 / 3.0 * np.pi * rcut**3
+        n_sites = volume / volume_per_site
+    else:
+        n_sites = n_search  # no density to estimate from: the search bounds the cluster
+    return ClusterSize(float(n_sites), int(n_search), cylinder)
+
+
+def check_cluster_size(
+    host: orm.StructureData, impurity_info: ImpurityInfo, rcut_unit: RcutUnit | str = RcutUnit.ANGSTROM
+) -> ClusterSize:
+    """Refuse a cluster above :data:`MAX_CLUSTER_ATOMS` sites or a neighbour search above its limit, before it runs.
+
+    :raises ClusterTooLargeError: naming the estimate, the limit and what to change.
+    """
+    size = estimate_cluster_size(host, impurity_info, rcut_unit)
+    if impurity_info.is_explicit_cluster:  # its size was checked with the rows of imp_cls
+        return size
+    rcut = f"impurity_info 'Rcut' {impurity_info.rcut:g} ({RcutUnit(rcut_unit).value})"
+    if size.n_sites > MAX_CLUSTER_ATOMS:
+        raise ClusterTooLargeError(
+            f'{rcut} gives a cluster of about {size.n_sites:.3g} sites in this host, more than the limit of '
+            f'{MAX_CLUSTER_ATOMS} (aiida_mlworkbench.kkr.geometry.MAX_CLUSTER_ATOMS): use a smaller Rcut (real '
+            'aiida-kkr clusters hold tens to a few hundred sites); check its unit (alat before aiida-kkr 1.0).'
+        )
+    limit = MAX_CYLINDER_SEARCH_SITES if size.cylinder else MAX_SEARCH_SITES
+    if size.n_search_sites > limit:
+        name = 'MAX_CYLINDER_SEARCH_SITES' if size.cylinder else 'MAX_SEARCH_SITES'
+        raise ClusterTooLargeError(
+            f"{rcut}{' with hcut' if size.cylinder else ''} makes aiida-kkr's neighbour search generate about "
+            f'{size.n_search_sites:.3g} candidate sites in this host ({len(host.sites)} sites per cell), more than the '
+            f'limit of {limit} (aiida_mlworkbench.kkr.geometry.{name}): use a smaller Rcut'
+            f'{" or hcut" if size.cylinder else ""}, or a host cell with fewer sites.'
+        )
+    return size
+
+
+def check_embedding(
+    host: orm.StructureData | ase.Atoms,
+    impurity_info: orm.Dict | collections.abc.Mapping[str, t.Any],
+    rcut_unit: RcutUnit | str = RcutUnit.ANGSTROM,
+) -> ImpurityInfo:
+    """Check everything about an embedding that needs no cluster built: cheap enough for a process's input validator.
+
+    The ``impurity_info`` itself, the unit, the host's sites (no CPA/VCA site), ``ilayer_center`` within the host and
+    the cluster size (:func:`check_cluster_size`). What remains for :func:`impurity_cluster` is whether ``Rimp_rel``
+    and ``imp_cls`` name sites of the cluster.
+
+    :raises ValueError: naming the problem (:class:`ClusterTooLargeError` for a cluster over the limits).
+    """
+    try:
+        unit = RcutUnit(rcut_unit)
+    except ValueError:
+        raise ValueError(
+            f'the unit of Rcut must be one of {", ".join(repr(u.value) for u in RcutUnit)}, got {rcut_unit!r}.'
+        ) from None
+    info = parse_impurity_info(impurity_info)
+    structure = _as_structure(host)
+    host_site_atomic_numbers(structure)
+    if not info.is_explicit_cluster and info.ilayer_center >= len(structure.sites):
+        raise ValueError(
+            f"impurity_info 'ilayer_center' is {info.ilayer_center} but the host has only "
+            f'{len(structure.sites)} sites (0 to {len(structure.sites) - 1}).'
+        )
+    check_cluster_size(structure, info, unit)
+    return info
+
+
 def scoef_rows(
     host: orm.StructureData, impurity_info: ImpurityInfo, rcut_unit: RcutUnit | str = RcutUnit.ANGSTROM
 ) -> np.ndarray:
@@ -300,10 +469,12 @@ def impurity_cluster(
     :param host: the host crystal (aiida-kkr's ``find_parent_structure`` of the host Green function).
     :param impurity_info: the ``impurity_info`` of the embedding, either form (see the module docstring).
     :param rcut_unit: the unit of ``Rcut`` and ``hcut``: ``'angstrom'`` (aiida-kkr >= 1.0) or ``'alat'`` (older).
-    :raises ValueError: naming the problem, if ``impurity_info`` is incomplete or inconsistent with the host.
+    :raises ValueError: naming the problem, if ``impurity_info`` is incomplete or inconsistent with the host
+        (:class:`ClusterTooLargeError` if the cluster would exceed :data:`MAX_CLUSTER_ATOMS`, checked before any
+        site is generated).
     """
-    info = parse_impurity_info(impurity_info)
     structure = _as_structure(host)
+    info = check_embedding(structure, impurity_info, rcut_unit)
     numbers_of_sites = host_site_atomic_numbers(structure)
     rows = scoef_rows(structure, info, rcut_unit)
 

@@ -17,24 +17,35 @@ from aiida_mlworkbench.bulk_links import BulkLinks
 from aiida_mlworkbench.calcfunctions.clusters import (
     DEFAULT_BATCH_SIZE,
     batch_inputs,
+    check_embeddings,
     hosts_of_clusters,
     impurity_cluster_structures,
 )
 from aiida_mlworkbench.calcfunctions.featurize import featurization_jobs, featurize, row_label
 from aiida_mlworkbench.calcfunctions.score import score_model
-from aiida_mlworkbench.calcfunctions.split import split_rows
-from aiida_mlworkbench.calcfunctions.targets import host_lattice_targets, targets_from_values
+from aiida_mlworkbench.calcfunctions.split import (
+    DEFAULT_SPLIT,
+    SplitSettingsError,
+    check_split_settings,
+    plan_split,
+    split_rows,
+)
+from aiida_mlworkbench.calcfunctions.targets import (
+    TargetValuesError,
+    check_target_values,
+    host_lattice_targets,
+    targets_from_values,
+)
 from aiida_mlworkbench.calcfunctions.train import train_model
 from aiida_mlworkbench.checkpoints import CompactCheckpoints
 from aiida_mlworkbench.data import SparseFeatureMatrix, TrainedModel
 from aiida_mlworkbench.descriptors import get_descriptor
 from aiida_mlworkbench.estimators import validate_estimator_specification
+from aiida_mlworkbench.kkr.geometry import RcutUnit
 
 __all__ = ('ImpurityLearningWorkChain', 'embedding_key')
 
 TARGETS = ('host_lattice', 'values')
-SPLIT_KEYS = {'test_fraction', 'seed', 'stratify', 'grouped'}
-DEFAULT_SPLIT = {'test_fraction': 0.25, 'seed': 0, 'stratify': True, 'grouped': False}
 DEFAULT_DESCRIPTOR = {'name': 'soap', 'r_cut': 6.0, 'n_max': 5, 'l_max': 5, 'sigma': 1.0, 'average': 'inner'}
 DEFAULT_ESTIMATOR = {
     'estimator': 'SVC',
@@ -48,7 +59,11 @@ def embedding_key(index: int) -> str:
     return f'e{index:06d}'
 
 
+# Port validators: each names what is wrong and what to give instead, before anything is stored.
+
+
 def validate_descriptor(node: orm.Dict, _: t.Any) -> str | None:
+    """The descriptor parameters must build a descriptor (ranges and types of every DScribe parameter included)."""
     try:
         get_descriptor(node.get_dict())
     except (ValueError, TypeError, KeyError) as exception:
@@ -57,22 +72,56 @@ def validate_descriptor(node: orm.Dict, _: t.Any) -> str | None:
 
 
 def validate_estimator(node: orm.Dict, _: t.Any) -> str | None:
+    """The estimator specification must name allow-listed classes with parameters that scikit-learn accepts."""
     return validate_estimator_specification(node.get_dict())
 
 
 def validate_split(node: orm.Dict, _: t.Any) -> str | None:
-    settings = node.get_dict()
-    unknown = sorted(set(settings) - SPLIT_KEYS)
-    if unknown:
-        return f'unknown split setting(s) {", ".join(unknown)}; known: {", ".join(sorted(SPLIT_KEYS))}'
-    fraction = settings.get('test_fraction', DEFAULT_SPLIT['test_fraction'])
-    if not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-        return f'split test_fraction must lie strictly between 0 and 1, got {fraction!r}'
+    """The split settings must follow :func:`~aiida_mlworkbench.calcfunctions.split.check_split_settings`."""
+    try:
+        check_split_settings(node.get_dict())
+    except SplitSettingsError as exception:
+        return str(exception)
+    return None
+
+
+def validate_target(node: orm.Str, _: t.Any) -> str | None:
+    if node.value not in TARGETS:
+        return f'unknown target `{node.value}`: choose one of {", ".join(TARGETS)}'
+    return None
+
+
+def validate_target_values(node: orm.List, _: t.Any) -> str | None:
+    """The values must be all finite numbers or all strings (the rule of ``targets_from_values``)."""
+    try:
+        check_target_values(node.get_list())
+    except TargetValuesError as exception:
+        return f'invalid target_values: {exception}'
+    return None
+
+
+def validate_n_jobs(value: t.Any, _: t.Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value == 0:
+        return f'n_jobs must be a non-zero integer (-1 for all cores), got {value!r}'
+    return None
+
+
+def validate_rcut_units(nodes: Mapping[str, orm.Str], _: t.Any) -> str | None:
+    units = [unit.value for unit in RcutUnit]
+    wrong = sorted(key for key, node in nodes.items() if node.value not in units)
+    if wrong:
+        return f'embeddings.rcut_units {wrong[:5]} must be one of {units}, got {nodes[wrong[0]].value!r}'
     return None
 
 
 def validate_inputs(inputs: Mapping[str, t.Any], _: t.Any) -> str | None:
-    """Check that the embeddings or clusters and the target are consistent, before anything runs."""
+    """Check the inputs together, before anything runs: embeddings or clusters, target, split and cluster sizes.
+
+    Every embedding is checked as far as possible without building its cluster
+    (:func:`~aiida_mlworkbench.calcfunctions.clusters.check_embeddings`), including the limit on the cluster size
+    (:data:`~aiida_mlworkbench.kkr.geometry.MAX_CLUSTER_ATOMS`), and the split is planned for the number of rows with
+    the rules ``split_rows`` applies (:func:`~aiida_mlworkbench.calcfunctions.split.plan_split`).
+    """
     embeddings = inputs.get('embeddings', {})
     hosts, infos = embeddings.get('hosts', {}), embeddings.get('impurity_infos', {})
     clusters = inputs.get('clusters', {})
@@ -81,20 +130,39 @@ def validate_inputs(inputs: Mapping[str, t.Any], _: t.Any) -> str | None:
     if set(hosts) != set(infos):
         differing = sorted(set(hosts) ^ set(infos))[:5]
         return f'embeddings.hosts and embeddings.impurity_infos must have the same keys; differing: {differing}'
-    if not set(embeddings.get('rcut_units', {})) <= set(hosts):
-        return 'embeddings.rcut_units has keys that are not embeddings'
+    rcut_units = embeddings.get('rcut_units', {})
+    if not set(rcut_units) <= set(hosts):
+        return f'embeddings.rcut_units has keys that are not embeddings: {sorted(set(rcut_units) - set(hosts))[:5]}'
     target = inputs['target'].value
     if target not in TARGETS:
         return f'unknown target `{target}`: choose one of {", ".join(TARGETS)}'
     n_samples = len(hosts) or len(clusters)
+    labels = None
     if target == 'values':
         if 'target_values' not in inputs:
             return 'target `values` needs the input `target_values` (a List with one value per embedding)'
-        n_values = len(inputs['target_values'].get_list())
-        if n_values != n_samples:
-            return f'target_values has {n_values} values but there are {n_samples} embeddings or clusters'
+        values = inputs['target_values'].get_list()
+        if len(values) != n_samples:
+            return f'target_values has {len(values)} values but there are {n_samples} embeddings or clusters'
+        labels = values
     elif 'target_values' in inputs:
         return f'target_values is given but the target is `{target}`: set target to `values` to use them'
+
+    try:
+        settings = check_split_settings(inputs['split'].get_dict())
+        if settings['grouped'] and target != 'host_lattice':
+            return 'split grouped needs the target `host_lattice` (the groups are the hosts): set grouped to false'
+        plan_split(n_samples, settings, labels=labels)
+    except SplitSettingsError as exception:
+        return f'split: {exception}'
+
+    if hosts:
+        keys = sorted(hosts)
+        units = {key: node.value for key, node in rcut_units.items()}
+        try:
+            check_embeddings([(f'embedding {key}', hosts[key], infos[key], units.get(key)) for key in keys])
+        except ValueError as exception:
+            return f'{exception}. Fix or leave out this embedding.'
     return None
 
 
@@ -117,67 +185,89 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
         spec.input_namespace(
             'embeddings',
             required=False,
-            help='Impurity embeddings: the nodes aiida-kkr used. Keys sort in row order (see `embedding_key`).',
+            help='The impurity embeddings as aiida-kkr stored them: one host and one impurity_info per key, the keys '
+            'sorting in row order (see `embedding_key`).',
         )
         spec.input_namespace(
-            'embeddings.hosts', valid_type=orm.StructureData, dynamic=True, required=False, help='Host crystals.'
+            'embeddings.hosts',
+            valid_type=orm.StructureData,
+            dynamic=True,
+            required=False,
+            help='The host crystal of each embedding.',
         )
         spec.input_namespace(
-            'embeddings.impurity_infos', valid_type=orm.Dict, dynamic=True, required=False, help='impurity_info.'
+            'embeddings.impurity_infos',
+            valid_type=orm.Dict,
+            dynamic=True,
+            required=False,
+            help='The impurity_info of each embedding, with Rcut (bounded by MAX_CLUSTER_ATOMS) or imp_cls.',
         )
         spec.input_namespace(
             'embeddings.rcut_units',
             valid_type=orm.Str,
             dynamic=True,
             required=False,
-            help="Unit of Rcut where it is not Angstrom ('alat' for aiida-kkr before mid 2019).",
+            validator=validate_rcut_units,
+            help="The unit of Rcut where it is not Angstrom: 'alat' for aiida-kkr before mid 2019.",
         )
         spec.input_namespace(
             'clusters',
             valid_type=orm.StructureData,
             dynamic=True,
             required=False,
-            help='Ready impurity clusters instead of embeddings; keys sort in row order.',
+            help='Ready impurity clusters instead of embeddings, the keys sorting in row order.',
         )
         spec.input(
             'descriptor',
             valid_type=orm.Dict,
             default=lambda: orm.Dict(DEFAULT_DESCRIPTOR),
+            serializer=orm.to_aiida_type,
             validator=validate_descriptor,
-            help='Descriptor parameters with a registered `name` (e.g. SOAP: r_cut, n_max, l_max, sigma, species).',
+            help='The descriptor parameters with a registered `name`, for SOAP: species, r_cut, n_max, l_max, sigma, '
+            'rbf, average, weighting, periodic and dtype.',
         )
         spec.input(
             'target',
             valid_type=orm.Str,
             default=lambda: orm.Str('host_lattice'),
-            help="What to learn: 'host_lattice' (bcc/fcc/hcp/other of the host crystal) or 'values' (target_values).",
+            serializer=orm.to_aiida_type,
+            validator=validate_target,
+            help="What to learn: 'host_lattice' (bcc, fcc, hcp or other, of the host crystal) or 'values' (the "
+            'input target_values).',
         )
         spec.input(
             'target_values',
             valid_type=orm.List,
             required=False,
-            help='One value per embedding, in row order: numbers (regression) or labels (classification).',
+            serializer=orm.to_aiida_type,
+            validator=validate_target_values,
+            help='One value per embedding in row order: finite numbers (regression) or strings (classification).',
         )
         spec.input(
             'split',
             valid_type=orm.Dict,
             default=lambda: orm.Dict(DEFAULT_SPLIT),
+            serializer=orm.to_aiida_type,
             validator=validate_split,
-            help='test_fraction, seed, stratify, and grouped (keep all embeddings of one host on one side).',
+            help='The train/test split: test_fraction (between 0 and 1), seed (0 to 2**32 - 1), stratify, and '
+            'grouped (all embeddings of one host on one side).',
         )
         spec.input(
             'estimator',
             valid_type=orm.Dict,
             default=lambda: orm.Dict(DEFAULT_ESTIMATOR),
+            serializer=orm.to_aiida_type,
             validator=validate_estimator,
-            help='Estimator specification: estimator (allow-listed name), parameters, scaler, kernel, training.',
+            help='The estimator specification: estimator (an allow-listed name), parameters, scaler, kernel and '
+            'training.',
         )
         spec.input(
             'n_jobs',
             valid_type=int,
             non_db=True,
             default=1,
-            help='Processes for featurization (changes the speed, never the features).',
+            validator=validate_n_jobs,
+            help='The number of processes for featurization, which changes the speed and never the features.',
         )
         spec.inputs.validator = validate_inputs
 
@@ -305,7 +395,7 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
         return None
 
     def split_rows(self) -> ExitCode | None:
-        settings = {**DEFAULT_SPLIT, **self.inputs.split.get_dict()}
+        settings = check_split_settings(self.inputs.split.get_dict())
         inputs: dict[str, t.Any] = {
             'targets': self.outputs['targets'],
             'test_fraction': orm.Float(settings['test_fraction']),
@@ -417,15 +507,10 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
 
 
 def _set_inputs(builder: ProcessBuilder, inputs: Mapping[str, t.Any]) -> None:
-    """Set plain values as the nodes the ports expect (dicts as Dict, lists as List, strings as Str)."""
+    """Set the inputs on the builder: plain values become the nodes the ports expect (through their serializers)."""
+    ports = ImpurityLearningWorkChain.spec().inputs
     for name, value in inputs.items():
-        if isinstance(value, orm.Data) or name == 'n_jobs':
-            builder[name] = value
-        elif isinstance(value, Mapping):
-            builder[name] = orm.Dict(dict(value))
-        elif isinstance(value, (list, tuple)):
-            builder[name] = orm.List(list(value))
-        elif isinstance(value, str):
-            builder[name] = orm.Str(value)
-        else:
-            raise TypeError(f'cannot set input `{name}` from a {type(value).__name__}')
+        if name not in ports:
+            known = ', '.join(sorted(ports))
+            raise ValueError(f'unknown input `{name}` of ImpurityLearningWorkChain; its inputs are: {known}')
+        builder[name] = value
