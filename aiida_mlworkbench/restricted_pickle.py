@@ -204,10 +204,15 @@ class RestrictedUnpickler(pickle._Unpickler):
         args = self.stack[-1]
         func = self.stack[-2]
         self._check_callable(func, 'REDUCE')
+        trusted = self._is_trusted(func)
         pair = _reconstructor_pair(func)
-        if pair is not None and not self._is_trusted(func):
+        if pair is not None and not trusted:
             _check_reconstructor_arguments(pair, args, self)
         super().load_reduce()
+        if (
+            not trusted
+        ):  # a constructor's own checks may be partial: csr_array((data, indices, indptr)) checks no bounds
+            _check_built(self.stack[-1], self)
 
     dispatch[pickle.REDUCE[0]] = load_reduce
 

@@ -382,6 +382,12 @@ FORGED = {
         'flags or size do not match its fields',
     ),
     'CSR matrix with a column outside its shape': (lambda: pickle.dumps(_forged_csr()), 'a CSR matrix'),
+    'CSR matrix built by its constructor with a column outside its shape': (
+        lambda: pickle.dumps(
+            Payload(scipy.sparse.csr_array, ([1.0], np.array([7], dtype=np.int32), np.array([0, 1, 1])), (2, 3))
+        ),
+        'a CSR matrix',
+    ),
     'decision tree pointing outside itself': (lambda: pickle.dumps(_forged_forest()), 'a decision tree'),
     'BUILD on a reconstructor (monkeypatching it)': (
         lambda: _program(_global('numpy.random._pickle', '__randomstate_ctor') + _text('x') + pickle.BUILD),
