@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from aiida import orm
+from aiida.common import LinkType
 from aiida.engine import run_get_node
 from aiida.tools.archive import create_archive, import_archive
 
@@ -229,7 +230,14 @@ class TestValidation:
 
 class TestExitCodes:
     def run(self, builder):
+        """Run the work chain; a failed child must be named as ``label<pk>`` in a report and in the exit message."""
         _, node = run_get_node(builder)
+        called = node.base.links.get_outgoing(link_type=LinkType.CALL_CALC).all()
+        reports = [log.message for log in orm.Log.collection.get_logs_for(node)]
+        for link in (link for link in called if not link.node.is_finished_ok):
+            named = f'{link.link_label}<{link.node.pk}>'
+            assert any(f'{named} failed with exit status {link.node.exit_status}' in line for line in reports), reports
+            assert named in node.exit_message
         return node
 
     def test_cluster_extraction(self, synthetic_embeddings):

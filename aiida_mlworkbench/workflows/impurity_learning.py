@@ -10,6 +10,7 @@ import typing as t
 from collections.abc import Iterable, Mapping
 
 from aiida import orm
+from aiida.common import LinkType
 from aiida.engine import ExitCode, ProcessBuilder, WorkChain, if_
 from aiida.manage import get_manager
 
@@ -301,6 +302,13 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
 
     # -- steps -----------------------------------------------------------------------------------------------------
 
+    def _failed(self, process: orm.ProcessNode, exit_code: ExitCode) -> ExitCode:
+        """Report the failed child as ``label<pk>`` with its exit status, and return ``exit_code`` with its message."""
+        label = process.base.links.get_incoming(link_type=LinkType.CALL_CALC).first()
+        name = label.link_label if label is not None else process.process_label
+        self.report(f'{name}<{process.pk}> failed with exit status {process.exit_status}: {process.exit_message}')
+        return exit_code.format(message=f'{name}<{process.pk}>: {process.exit_message}')
+
     def has_embeddings(self) -> bool:
         return 'embeddings' in self.inputs and bool(self.inputs.embeddings.get('hosts'))
 
@@ -325,7 +333,7 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
                     **inputs, metadata={'call_link_label': 'impurity_clusters'}
                 )
             if not process.is_finished_ok:
-                return self.exit_codes.ERROR_CLUSTER_EXTRACTION.format(message=process.exit_message)
+                return self._failed(process, self.exit_codes.ERROR_CLUSTER_EXTRACTION)
             clusters.update(outputs['clusters'])
         self.out('clusters', clusters)
         self.ctx.extracted = True  # a flag, not the keys: the context is written into every checkpoint
@@ -347,7 +355,7 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
                 metadata={'call_link_label': 'featurize'},
             )
         if not process.is_finished_ok:
-            return self.exit_codes.ERROR_FEATURIZATION.format(message=process.exit_message)
+            return self._failed(process, self.exit_codes.ERROR_FEATURIZATION)
         self.report(f'feature matrix {features.shape[0]} x {features.shape[1]}, {features.nnz} non-zeros')
         self.out('features', features)
         return None
@@ -358,7 +366,7 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
                 self.inputs.target_values, metadata={'call_link_label': 'targets'}
             )
             if not process.is_finished_ok:
-                return self.exit_codes.ERROR_TARGETS.format(message=process.exit_message)
+                return self._failed(process, self.exit_codes.ERROR_TARGETS)
             self.out('targets', targets)
             return None
 
@@ -385,7 +393,7 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
             rows=orm.List(rows), **hosts, metadata={'call_link_label': 'targets'}
         )
         if not process.is_finished_ok:
-            return self.exit_codes.ERROR_TARGETS.format(message=process.exit_message)
+            return self._failed(process, self.exit_codes.ERROR_TARGETS)
         counts = {
             label: int((outputs['targets'].get_array('targets') == label).sum()) for label in ('bcc', 'fcc', 'hcp')
         }
@@ -408,7 +416,7 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
             inputs['groups'] = self.outputs['groups']
         split, process = split_rows.run_get_node(**inputs, metadata={'call_link_label': 'split'})
         if not process.is_finished_ok:
-            return self.exit_codes.ERROR_SPLIT.format(message=process.exit_message)
+            return self._failed(process, self.exit_codes.ERROR_SPLIT)
         self.report(
             f'{split.base.attributes.get("kind")} split: {split.base.attributes.get("n_train")} train, '
             f'{split.base.attributes.get("n_test")} test rows'
@@ -426,7 +434,7 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
             metadata={'call_link_label': 'train'},
         )
         if not process.is_finished_ok:
-            return self.exit_codes.ERROR_TRAINING.format(message=process.exit_message)
+            return self._failed(process, self.exit_codes.ERROR_TRAINING)
         self.out('model', model)
         return None
 
@@ -439,7 +447,7 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
             metadata={'call_link_label': 'score'},
         )
         if not process.is_finished_ok:
-            return self.exit_codes.ERROR_SCORING.format(message=process.exit_message)
+            return self._failed(process, self.exit_codes.ERROR_SCORING)
         self.out('metrics', outputs['metrics'])
         self.out('score', outputs['score'])
         self.report(f'test score {outputs["score"].value:.4f}')
