@@ -23,6 +23,14 @@ stores them in a few statements instead of one SQL savepoint per link:
   unstored output of a workflow, a node with files or a class that stores itself its own way) goes through
   aiida-core's own :meth:`~aiida.orm.nodes.links.NodeLinks.add_incoming` and ``store``, which raise as they always do.
 
+Concurrency: every write of this module happens in a :func:`write_transaction`, which on SQLite (``core.sqlite_dos``)
+takes the database's write lock with its first statement (``BEGIN IMMEDIATE``), waiting for it as long as the
+connection's busy timeout allows, and holds it only for the inserts: rows, hashes and validation are prepared before.
+A transaction that starts the default way (aiida-core's ``transaction()`` begins with a deferred ``SAVEPOINT``) and
+reads before it writes cannot wait: SQLite refuses at once to turn its read lock into the write lock while another
+process holds it, and two daemon workers failed with "database is locked". On PostgreSQL the transaction is
+aiida-core's own. ``tests/test_concurrency.py`` runs two and four work chains at once on two daemon workers.
+
 ``tests/test_bulk_links.py`` and ``tests/test_process_hashing.py`` compare links, rows and hashes with aiida-core's.
 
 Use :func:`calcfunction` (a drop-in for :func:`aiida.engine.calcfunction`) for process functions, and :class:`BulkLinks`
@@ -33,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import typing as t
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from aiida import engine, orm
 from aiida.common.links import LinkType, validate_link_label
@@ -44,7 +52,7 @@ from aiida.orm.utils.links import LinkTriple
 from aiida_mlworkbench.node_ids import is_stored, rows_where, stored_pk
 from aiida_mlworkbench.process_hashing import use_stored_input_hashes
 
-__all__ = ('BulkLinks', 'bulk_store', 'calcfunction', 'can_bulk_store')
+__all__ = ('BulkLinks', 'bulk_store', 'calcfunction', 'can_bulk_store', 'write_transaction')
 
 F = t.TypeVar('F', bound=t.Callable[..., t.Any])
 
@@ -104,7 +112,7 @@ class BulkLinks:
                 source._verify_are_parents_stored()
             for source in unstored:
                 source.store()
-        with contextlib.nullcontext() if backend.in_transaction else backend.transaction():
+        with write_transaction(backend):
             result = super()._create_and_setup_db_record()  # type: ignore[misc]
             caching = self.node.base.caching
             pending = getattr(caching, 'pending_inputs', None)
@@ -128,10 +136,11 @@ class BulkLinks:
     def update_outputs(self) -> None:
         """Attach the outputs added since the last call; same links and rules as ``Process.update_outputs``.
 
-        Everything happens in one storage transaction, committed once: outputs are stored together or not at all.
-        New outputs of a calculation are stored with their ``CREATE`` links in one bulk insert (:func:`bulk_store`),
+        Outputs are validated, and the rows of new calculation outputs prepared, before the write transaction; then
+        everything is written in one :func:`write_transaction`, committed once: outputs are stored together or not at
+        all. New outputs of a calculation are stored with their ``CREATE`` links in one bulk insert (:func:`bulk_store`)
         and the stored nodes take their place among the process's outputs; the returned nodes of a workflow get their
-        links in one bulk insert.
+        links in one bulk insert; anything else is stored by aiida-core, in the same transaction.
         """
         if self.metadata.store_provenance is False:  # type: ignore[attr-defined]
             return
@@ -140,41 +149,91 @@ class BulkLinks:
         linked = _output_link_labels(node)
         created: dict[str, orm.Data] = {}
         returned: list[dict[str, t.Any]] = []
-        # aiida-core's nested transaction commits the outer one, which closes it under its owner: open one only if none.
+        others: list[tuple[str, orm.Data, bool]] = []  # (label, output, plain): stored by aiida-core
+        for label, output in self._flat_outputs().items():  # type: ignore[attr-defined]
+            if label in linked:
+                continue
+            if _is_plain_output(output, link_type):
+                validate_link_label(label)
+                if link_type is LinkType.CREATE:
+                    node.base.links.validate_outgoing(output, link_type, label)
+                # A RETURN link: ``WorkflowNode.validate_outgoing`` checks that the node is stored, as
+                # ``_is_plain_output`` did, without reading the node back from the database.
+                if link_type is LinkType.CREATE and can_bulk_store(output):
+                    created[label] = output
+                elif link_type is LinkType.CREATE:
+                    others.append((label, output, True))
+                else:
+                    returned.append(
+                        {
+                            'input_id': stored_pk(node),
+                            'output_id': stored_pk(output),
+                            'label': label,
+                            'type': link_type.value,
+                        }
+                    )
+            else:
+                others.append((label, output, False))
+            linked.add(label)
+        if not (created or returned or others):
+            return
+        rows = _bulk_rows(node, created) if created else []  # validated, cleaned, hashed: before the write lock
         backend = node.backend
-        with contextlib.nullcontext() if backend.in_transaction else backend.transaction():
-            for label, output in self._flat_outputs().items():  # type: ignore[attr-defined]
-                if label in linked:
-                    continue
-                if _is_plain_output(output, link_type):
-                    validate_link_label(label)
-                    if link_type is LinkType.CREATE:
-                        node.base.links.validate_outgoing(output, link_type, label)
-                    # A RETURN link: ``WorkflowNode.validate_outgoing`` checks that the node is stored, as
-                    # ``_is_plain_output`` did, without reading the node back from the database.
-                    if link_type is LinkType.CREATE and can_bulk_store(output):
-                        created[label] = output
-                    elif link_type is LinkType.CREATE:
-                        output.base.links.incoming_cache.append(LinkTriple(node, link_type, label))
-                        output.store()
-                    else:
-                        returned.append(
-                            {
-                                'input_id': node.pk,
-                                'output_id': stored_pk(output),
-                                'label': label,
-                                'type': link_type.value,
-                            }
-                        )
+        with write_transaction(backend):
+            stored = _bulk_insert(node, created, rows) if created else {}
+            for label, output, plain in others:
+                if plain:
+                    output.base.links.incoming_cache.append(LinkTriple(node, link_type, label))
                 else:
                     output.base.links.add_incoming(node, link_type, label)
-                    output.store()
-                linked.add(label)
-            if created:
-                stored = bulk_store(node, created)
-                _replace_nodes(self._outputs, {id(created[label]): stored[label] for label in created})  # type: ignore[attr-defined]
+                output.store()
             if returned:
                 backend.bulk_insert(EntityTypes.LINK, returned)
+            _add_to_autogroup(backend, stored.values())
+        if created:
+            _replace_nodes(self._outputs, {id(created[label]): stored[label] for label in created})  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def write_transaction(backend: t.Any) -> Iterator[None]:
+    """A storage transaction that, on SQLite, holds the write lock from its first statement; joins one already open.
+
+    aiida-core's ``transaction()`` begins on SQLite with a deferred ``SAVEPOINT``: its first read takes a read lock,
+    and its first write must turn it into the write lock. If another connection (another daemon worker) holds the write
+    lock then, SQLite refuses at once ("database is locked"), without the busy timeout's wait, because waiting with a
+    read lock could deadlock. Here the transaction starts with ``BEGIN IMMEDIATE``, which waits for the write lock as
+    long as the connection's busy timeout allows (aiida-core's engine keeps Python's default, 5 s), the way each
+    ``Node.store`` outside a transaction starts with its ``INSERT``. Keep such transactions short: other workers wait
+    for them. On other databases (PostgreSQL), or inside a transaction, it is ``transaction()`` as aiida-core opens it.
+    If the body raises, the transaction is rolled back and the lock released.
+    """
+    if backend.in_transaction:
+        yield
+        return
+    session = _sqlite_session(backend)
+    began = False
+    if session is not None:
+        connection = session.connection()
+        if not connection.connection.dbapi_connection.in_transaction:
+            connection.exec_driver_sql('BEGIN IMMEDIATE')
+            began = True
+    try:
+        with backend.transaction():
+            yield
+    except BaseException:
+        if began:
+            session.rollback()  # aiida-core's nested transaction leaves the outer one open after a failure
+        raise
+
+
+def _sqlite_session(backend: t.Any) -> t.Any:
+    """The SQLAlchemy session of ``backend`` if its database is SQLite (``core.sqlite_dos``), else ``None``."""
+    get_session = getattr(backend, 'get_session', None)
+    if get_session is None:
+        return None
+    session = get_session()
+    bind = session.get_bind()
+    return session if bind.dialect.name == 'sqlite' else None
 
 
 def bulk_store(creator: orm.CalculationNode, outputs: Mapping[str, orm.Data]) -> dict[str, orm.Data]:
@@ -183,7 +242,7 @@ def bulk_store(creator: orm.CalculationNode, outputs: Mapping[str, orm.Data]) ->
     Each node is validated, cleaned and hashed as :meth:`aiida.orm.Node.store` does it and gets the same database
     row (attributes, extras with the hash, repository metadata) and autogroup; the links are those ``update_outputs``
     would add. Storing the 1752 clusters of the reference study one by one took 6 s, mostly flushes and commits per
-    node.
+    node. The rows are prepared first; the inserts run in one :func:`write_transaction`.
 
     The returned nodes, loaded in one query per thousand, are the stored nodes; the objects given stay as they were,
     unstored, and must not be stored again (their UUIDs are taken). :class:`BulkLinks` puts the stored nodes in the
@@ -195,10 +254,20 @@ def bulk_store(creator: orm.CalculationNode, outputs: Mapping[str, orm.Data]) ->
     :raises ValueError: if the creator is not a stored calculation, a label is no valid link label, a node cannot be
         bulk stored or is given twice (a node has one creator), or as ``Node.store`` raises.
     """
+    rows = _bulk_rows(creator, outputs)
+    backend = creator.backend
+    with write_transaction(backend):
+        result = _bulk_insert(creator, outputs, rows)
+        _add_to_autogroup(backend, result.values())
+    return result
+
+
+def _bulk_rows(creator: orm.CalculationNode, outputs: Mapping[str, orm.Data]) -> list[dict[str, t.Any]]:
+    """Check what :func:`bulk_store` is given and return the database rows of the nodes, as ``Node.store`` makes
+    them (validated, cleaned, hashed); nothing is written but the nodes' empty repository metadata."""
     from aiida.common.exceptions import HashingError
     from aiida.common.hashing import make_hash
 
-    backend = creator.backend
     if not isinstance(creator, orm.CalculationNode) or not is_stored(creator):
         raise ValueError(f'the creator of bulk stored nodes must be a stored calculation node, got {creator!r}')
     labels_of: dict[int, list[str]] = {}
@@ -243,22 +312,31 @@ def bulk_store(creator: orm.CalculationNode, outputs: Mapping[str, orm.Data]) ->
                 'repository_metadata': output.base.repository.metadata,
             }
         )
-    with contextlib.nullcontext() if backend.in_transaction else backend.transaction():
-        backend.bulk_insert(EntityTypes.NODE, rows)
-        stored = dict(rows_where('uuid', [row['uuid'] for row in rows], ['uuid', '*'], backend=backend))
-        backend.bulk_insert(
-            EntityTypes.LINK,
-            [
-                {'input_id': creator.pk, 'output_id': stored[output.uuid].pk, 'label': label, 'type': 'create'}
-                for label, output in outputs.items()
-            ],
-        )
-    result = {label: stored[output.uuid] for label, output in outputs.items()}
-    # ``Node.store`` puts each node in the autogroup of ``verdi run --auto-group`` by its own type, not its creator's.
-    grouped = [node for node in result.values() if backend.autogroup.is_to_be_grouped(node)]
+    return rows
+
+
+def _bulk_insert(
+    creator: orm.CalculationNode, outputs: Mapping[str, orm.Data], rows: list[dict[str, t.Any]]
+) -> dict[str, orm.Data]:
+    """Insert the prepared ``rows`` and the ``CREATE`` links; return label -> stored node. Call in a transaction."""
+    backend = creator.backend
+    backend.bulk_insert(EntityTypes.NODE, rows)
+    stored = dict(rows_where('uuid', [row['uuid'] for row in rows], ['uuid', '*'], backend=backend))
+    backend.bulk_insert(
+        EntityTypes.LINK,
+        [
+            {'input_id': stored_pk(creator), 'output_id': stored[output.uuid].pk, 'label': label, 'type': 'create'}
+            for label, output in outputs.items()
+        ],
+    )
+    return {label: stored[output.uuid] for label, output in outputs.items()}
+
+
+def _add_to_autogroup(backend: t.Any, nodes: t.Iterable[orm.Node]) -> None:
+    """Put the nodes in the autogroup of ``verdi run --auto-group`` by their own type, as ``Node.store`` does."""
+    grouped = [node for node in nodes if backend.autogroup.is_to_be_grouped(node)]
     if grouped:
         backend.autogroup.get_or_create_group().add_nodes(grouped)
-    return result
 
 
 def _output_link_labels(node: orm.ProcessNode) -> set[str]:

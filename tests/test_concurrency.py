@@ -1,0 +1,153 @@
+"""Several ImpurityLearningWorkChains at once on two daemon workers: each finishes with the results of a run alone.
+
+The suite runs once per backend, so this covers SQLite + ZeroMQ (``core.sqlite_dos``) and PostgreSQL + RabbitMQ
+(``core.psql_dos``). The runs share part of their input nodes and differ in the rest (window of embeddings and split
+seed), so no two compute the same thing, and each stores process nodes, clusters, features and a model while the
+others do. Before ``bulk_links.write_transaction``, two runs at once on SQLite failed with "database is locked".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import time
+
+import numpy as np
+import pytest
+from aiida import orm
+from aiida.engine import ProcessState, run_get_node, submit
+
+from aiida_mlworkbench.synthetic import create_synthetic_database, iter_synthetic_embeddings
+from aiida_mlworkbench.workflows import ImpurityLearningWorkChain
+
+SMALL_SOAP = {'name': 'soap', 'r_cut': 5.0, 'n_max': 3, 'l_max': 3, 'sigma': 1.0, 'average': 'inner'}
+RUN_SIZE = 48
+"""Embeddings per run; run ``i`` takes embeddings ``[i * OFFSET, i * OFFSET + RUN_SIZE)``."""
+OFFSET = 12
+MAX_RUNS = 4
+WORKERS = 2
+TIMEOUT = 300
+"""Seconds to wait for all runs of a case: each takes seconds, the limit only ends a hung test."""
+LOCK_MESSAGES = ('database is locked', 'deadlock detected', 'could not serialize access')
+"""SQLite's busy error, PostgreSQL's deadlock and serialization failures."""
+
+
+@pytest.fixture(scope='module')
+def embedding_pks() -> list[tuple[int, int]]:
+    size = RUN_SIZE + (MAX_RUNS - 1) * OFFSET
+    group = create_synthetic_database(size=size, seed=11, group_label='tests/concurrency', reuse_existing=True)
+    return [(host.pk, impurity_info.pk) for host, impurity_info in iter_synthetic_embeddings(group)]
+
+
+def builder_of(run: int, embedding_pks: list[tuple[int, int]]):
+    """The builder of run ``run``: its own window of embeddings and its own split seed."""
+    window = embedding_pks[run * OFFSET : run * OFFSET + RUN_SIZE]
+    embeddings = [(orm.load_node(host), orm.load_node(info)) for host, info in window]
+    return ImpurityLearningWorkChain.get_builder_from_embeddings(
+        embeddings, descriptor=SMALL_SOAP, split={'seed': run, 'test_fraction': 0.25}
+    )
+
+
+def results_of(node: orm.WorkChainNode) -> dict:
+    """What must not depend on other runs going on at the same time."""
+    outputs = node.outputs
+    return {
+        'clusters': len(outputs.clusters),
+        'features': (outputs.features.checksum, outputs.features.shape, outputs.features.nnz),
+        'targets': outputs.targets.get_array('targets').tolist(),
+        'split': (outputs.split.get_array('train').tolist(), outputs.split.get_array('test').tolist()),
+        'predictions': np.asarray(outputs.model.predict(outputs.features)).tolist(),
+        'metrics': outputs.metrics.get_dict(),
+        'score': outputs.score.value,
+    }
+
+
+@pytest.fixture(scope='module')
+def alone(embedding_pks):
+    """Return the results of a run on its own, in this process (each run once: the cases share runs)."""
+    cache: dict[int, dict] = {}
+
+    def results(run: int) -> dict:
+        if run not in cache:
+            _, node = run_get_node(builder_of(run, embedding_pks))
+            assert node.is_finished_ok, node.exit_message
+            cache[run] = results_of(node)
+        return cache[run]
+
+    return results
+
+
+@pytest.fixture
+def two_workers(n_runs, aiida_profile, aiida_config, daemon_client):
+    """A daemon of two workers, each taking at most half of the runs: both workers run work chains at once, and with
+    four runs each worker also runs two at once. Afterwards the option is unset and the daemon stopped."""
+    from aiida.engine.daemon.client import DaemonNotRunningException
+
+    def stop() -> None:
+        with contextlib.suppress(DaemonNotRunningException):
+            daemon_client.stop_daemon(wait=True)
+
+    stop()
+    aiida_config.set_option('daemon.worker_process_slots', max(1, n_runs // WORKERS), scope=aiida_profile.name)
+    aiida_config.store()
+    try:
+        daemon_client.start_daemon(number_workers=WORKERS)
+        assert int(daemon_client.get_numprocesses()['numprocesses']) == WORKERS
+        yield daemon_client
+    finally:
+        stop()
+        aiida_config.unset_option('daemon.worker_process_slots', scope=aiida_profile.name)
+        aiida_config.store()
+
+
+def process_logs(node: orm.ProcessNode) -> list[orm.Log]:
+    """Log records (reports, warnings, tracebacks) of ``node`` and of every process it called."""
+    return [log for process in [node, *node.called_descendants] for log in orm.Log.collection.get_logs_for(process)]
+
+
+def diagnosis(message: str, nodes: list[orm.ProcessNode], daemon_output: str) -> str:
+    """``message`` with the state and logs of every run and the end of the daemon's log."""
+    lines = [message]
+    for node in nodes:
+        lines.append(f'--- {node}: {node.process_state} {node.exit_status} {node.process_status}')
+        lines.extend(f'  {log.levelname} {log.metadata.get("process")}: {log.message}' for log in process_logs(node))
+    lines.append(f'--- daemon log:\n{daemon_output[-20000:]}')
+    return '\n'.join(lines)
+
+
+@pytest.mark.parametrize('n_runs', [2, 4])
+def test_work_chains_at_once(n_runs, embedding_pks, alone, two_workers):
+    """``n_runs`` work chains submitted together to two daemon workers all finish OK, with the results of each alone,
+    and no process or worker logged a lock error."""
+    daemon_log = pathlib.Path(two_workers.daemon_log_file)
+    log_start = daemon_log.stat().st_size if daemon_log.exists() else 0
+
+    nodes = [submit(builder_of(run, embedding_pks)) for run in range(n_runs)]
+    deadline = time.monotonic() + TIMEOUT
+    while not all(node.is_terminated for node in nodes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+    daemon_output = daemon_log.read_bytes()[log_start:].decode(errors='replace') if daemon_log.exists() else ''
+    assert all(node.is_terminated for node in nodes), diagnosis(f'not finished in {TIMEOUT} s', nodes, daemon_output)
+    problems = [
+        f'{node}: {node.process_state} {node.exit_status} {node.exit_message} {node.exception}'
+        for node in nodes
+        if not node.is_finished_ok
+    ]
+    problems.extend(
+        f'{node} log: {log.message}'
+        for node in nodes
+        for log in process_logs(node)
+        if any(message in log.message for message in LOCK_MESSAGES)
+    )
+    problems.extend(f'daemon log: {message}' for message in LOCK_MESSAGES if message in daemon_output)
+    assert not problems, diagnosis('\n'.join(problems), nodes, daemon_output)
+    assert all(node.process_state is ProcessState.FINISHED for node in nodes)
+    assert [node.exit_status for node in nodes] == [0] * n_runs
+
+    # The runs were shared out to both workers (the pid of the worker that wrote each report).
+    workers = {log.metadata['process'] for node in nodes for log in orm.Log.collection.get_logs_for(node)}
+    assert len(workers) == WORKERS, f'the {n_runs} runs went to the workers {workers}'
+
+    for run, node in enumerate(nodes):
+        assert results_of(node) == alone(run), f'run {run} ({node}) differs from the same run alone'
