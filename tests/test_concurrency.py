@@ -8,7 +8,6 @@ others do. Before ``bulk_links.write_transaction``, two runs at once on SQLite f
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
 import time
 
@@ -80,11 +79,10 @@ def alone(embedding_pks):
 @pytest.fixture
 def two_workers(n_runs, aiida_profile, aiida_config, daemon_client):
     """A daemon of two workers, each taking at most half of the runs: both workers run work chains at once, and with
-    four runs each worker also runs two at once. Afterwards the option is unset and the daemon stopped."""
-    from aiida.engine.daemon.client import DaemonNotRunningException
+    four runs each worker also runs two at once. Afterwards the option is unset and the daemon restarted as usual."""
 
     def stop() -> None:
-        with contextlib.suppress(DaemonNotRunningException):
+        if daemon_client.is_daemon_running:  # stopping a stopped daemon waits for the whole ``daemon.timeout``
             daemon_client.stop_daemon(wait=True)
 
     stop()
@@ -98,6 +96,9 @@ def two_workers(n_runs, aiida_profile, aiida_config, daemon_client):
         stop()
         aiida_config.unset_option('daemon.worker_process_slots', scope=aiida_profile.name)
         aiida_config.store()
+        # Left running with the default settings, as ``started_daemon_client`` starts it (and the session fixture
+        # stops it at once; stopping a stopped daemon waits for the whole timeout).
+        daemon_client.start_daemon(number_workers=1)
 
 
 def process_logs(node: orm.ProcessNode) -> list[orm.Log]:
