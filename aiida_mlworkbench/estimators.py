@@ -28,6 +28,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import scipy.sparse
+from sklearn.gaussian_process.kernels import Kernel as GaussianProcessKernel
 
 __all__ = (
     'ESTIMATORS',
@@ -104,24 +105,40 @@ class EstimatorSpecificationError(ValueError):
     """The estimator specification names something not allowed, or parameters that scikit-learn refuses."""
 
 
-class NormalizedSoapKernel:
-    """The normalised SOAP kernel K(p, q) = (p.q / sqrt(p.p q.q)) ** xi, as a kernel callable for SVMs.
+class NormalizedSoapKernel(GaussianProcessKernel):
+    """The normalised SOAP kernel K(p, q) = (p.q / sqrt(p.p q.q)) ** xi, for SVC, SVR, NuSVC and KernelRidge.
 
     Works on sparse feature matrices without densifying them: only the (n_samples x n_samples) Gram matrix is dense.
+    It is a scikit-learn Gaussian-process ``Kernel`` because ``KernelRidge`` hands a plain callable one pair of rows at
+    a time (``pairwise_kernels`` expects a number per pair: n**2 Python calls, and a 1 x 1 array from sparse rows
+    fails with "setting an array element with a sequence"), while a ``Kernel`` it calls once on whole matrices, as
+    the SVMs call any callable kernel.
     """
 
     def __init__(self, xi: float = 2.0) -> None:
         self.xi = xi
 
-    def __call__(self, first: t.Any, second: t.Any) -> np.ndarray:
+    def __call__(self, X: t.Any, Y: t.Any = None, eval_gradient: bool = False) -> np.ndarray:  # noqa: N803
         from sklearn.utils.extmath import row_norms
 
-        gram = first @ second.T
+        if eval_gradient:
+            raise ValueError('NormalizedSoapKernel has no hyper-parameters to differentiate by: its xi is fixed')
+        second = X if Y is None else Y
+        gram = X @ second.T
         gram = gram.toarray() if scipy.sparse.issparse(gram) else np.asarray(gram)
-        denominator = np.outer(row_norms(first), row_norms(second))
+        denominator = np.outer(row_norms(X), row_norms(second))
         with np.errstate(divide='ignore', invalid='ignore'):
             normalised = np.where(denominator > 0, gram / denominator, 0.0)
         return normalised**self.xi
+
+    def diag(self, X: t.Any) -> np.ndarray:  # noqa: N803
+        """K(p, p): 1 for every row that is not all zeros (whose kernel is 0 by definition)."""
+        from sklearn.utils.extmath import row_norms
+
+        return (row_norms(X) > 0).astype(float)
+
+    def is_stationary(self) -> bool:
+        return False
 
     def __repr__(self) -> str:
         return f'NormalizedSoapKernel(xi={self.xi})'

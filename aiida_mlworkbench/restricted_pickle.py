@@ -45,6 +45,7 @@ __all__ = (
     'SAFE_BUILTINS',
     'RestrictedUnpickler',
     'UnsafePickleError',
+    'check_fitted_state',
     'restricted_loads',
 )
 
@@ -459,8 +460,347 @@ def _check_built(inst: t.Any, unpickler: RestrictedUnpickler) -> None:
 
 
 def restricted_loads(data: bytes, *, trusted: Iterable[str] = (), source: str = 'the pickle') -> t.Any:
-    """Unpickle ``data`` with :class:`RestrictedUnpickler`.
+    """Unpickle ``data`` with :class:`RestrictedUnpickler`, then check the fitted state (:func:`check_fitted_state`).
 
-    :raises UnsafePickleError: if the pickle asks for a global or an operation that is not admitted.
+    :raises UnsafePickleError: if the pickle asks for a global or an operation that is not admitted, or if what it
+        built is not a state that scikit-learn's fitting makes.
     """
-    return RestrictedUnpickler(io.BytesIO(data), trusted=trusted, source=source).load()
+    loaded = RestrictedUnpickler(io.BytesIO(data), trusted=trusted, source=source).load()
+    check_fitted_state(loaded, source=source)
+    return loaded
+
+
+# -- the fitted state: numbers that compiled code trusts when it predicts ----------------------------------------
+
+
+class _StateError(Exception):
+    """One attribute of a fitted estimator breaks an invariant of scikit-learn's fitting."""
+
+    def __init__(self, attribute: str, detail: str) -> None:
+        super().__init__(attribute, detail)
+        self.attribute, self.detail = attribute, detail
+
+
+#: Largest value of numbers that scikit-learn hands to C as a C ``int`` (libsvm's degree, OpenMP thread counts).
+_C_INT_MAX = 2**31 - 1
+
+
+def _integer(value: t.Any, attribute: str, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise _StateError(attribute, f'is {value!r} ({type(value).__name__}), not an integer')
+    if not minimum <= value <= maximum:
+        raise _StateError(attribute, f'is {value}, outside {minimum} to {maximum}')
+    return int(value)
+
+
+def _real(value: t.Any, attribute: str) -> None:
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise _StateError(attribute, f'is {value!r} ({type(value).__name__}), not a number')
+
+
+def _array(
+    value: t.Any, attribute: str, kinds: str, shape: tuple[int | None, ...], *, contiguous: bool = False
+) -> t.Any:
+    """Require an ndarray of a dtype kind in ``kinds`` and of ``shape`` (None: any length on that axis)."""
+    import numpy as np
+
+    if type(value) is not np.ndarray:
+        raise _StateError(attribute, f'is a {type(value).__name__}, not a NumPy array')
+    if value.dtype.kind not in kinds or value.dtype.hasobject:
+        raise _StateError(attribute, f'has dtype {value.dtype}, expected kind {kinds!r}')
+    if value.ndim != len(shape) or any(
+        want is not None and have != want for have, want in zip(value.shape, shape, strict=True)
+    ):
+        expected = tuple('any' if want is None else want for want in shape)
+        raise _StateError(attribute, f'has shape {value.shape}, expected {expected}')
+    if contiguous and not value.flags.c_contiguous:
+        raise _StateError(attribute, 'is not C-contiguous')
+    return value
+
+
+def _libsvm_state(estimator: t.Any) -> None:
+    """SVC, NuSVC, SVR: libsvm reads support vectors, coefficients and per-class counts by the numbers it is given.
+
+    scikit-learn checks ``n_support_`` against ``support_vectors_`` for dense models only (CVE-2020-28975); a sparse
+    model, a callable kernel's training rows and the probability parameters are taken as they are.
+    """
+    import numpy as np
+    import scipy.sparse
+    from sklearn.base import is_classifier
+
+    kernel = estimator.kernel
+    if not callable(kernel) and kernel not in ('linear', 'poly', 'rbf', 'sigmoid', 'precomputed'):
+        raise _StateError('kernel', f'is {kernel!r}, not a libsvm kernel or a callable')
+    shape_fit = estimator.shape_fit_
+    if not isinstance(shape_fit, tuple) or len(shape_fit) != 2:
+        raise _StateError('shape_fit_', f'is {shape_fit!r}, not the (rows, features) of the training data')
+    n_train = _integer(shape_fit[0], 'shape_fit_[0]', 1)
+    n_features = _integer(shape_fit[1], 'shape_fit_[1]', 1)
+    # A callable kernel skips scikit-learn's input validation, which is what records n_features_in_.
+    if 'n_features_in_' in vars(estimator) and estimator.n_features_in_ != n_features:
+        raise _StateError('shape_fit_', f'says {n_features} features, n_features_in_ says {estimator.n_features_in_}')
+    for name in ('degree',):
+        _integer(getattr(estimator, name), name, 0, _C_INT_MAX)
+    for name in ('_gamma', 'coef0', 'tol', 'nu', 'epsilon'):
+        _real(getattr(estimator, name), name)
+    for name in ('_sparse', '_effective_probability'):
+        if not isinstance(getattr(estimator, name), (bool, np.bool_)):
+            raise _StateError(name, f'is {getattr(estimator, name)!r}, not a boolean')
+
+    classifier = is_classifier(estimator)
+    if classifier:
+        n_classes = _array(estimator.classes_, 'classes_', 'biufUS', (None,)).shape[0]
+        if n_classes < 2:
+            raise _StateError('classes_', f'has {n_classes} class(es); a fitted classifier has at least 2')
+        n_pairs, n_rows = n_classes * (n_classes - 1) // 2, n_classes - 1
+    else:
+        n_classes, n_pairs, n_rows = 2, 1, 1  # libsvm's regression model: two "classes", one coefficient row
+
+    support = _array(estimator.support_, 'support_', 'i', (None,), contiguous=True)
+    if support.dtype != np.int32:
+        raise _StateError('support_', f'has dtype {support.dtype}, libsvm takes int32')
+    n_sv = support.shape[0]
+    if n_sv and (support.min() < 0 or support.max() >= n_train):
+        raise _StateError('support_', f'names training rows outside the {n_train} rows of shape_fit_')
+    n_support = _array(estimator._n_support, '_n_support', 'i', (n_classes,), contiguous=True)
+    if n_support.dtype != np.int32:
+        raise _StateError('_n_support', f'has dtype {n_support.dtype}, libsvm takes int32')
+    if np.any(n_support < 0):
+        raise _StateError('_n_support', 'has a negative count')
+    counted = int(n_support.sum(dtype=np.int64))
+    if classifier and counted != n_sv:
+        raise _StateError('_n_support', f'counts {counted} support vectors, support_ has {n_sv}')
+    if not classifier and np.any(n_support > n_sv):
+        raise _StateError('_n_support', f'counts more than the {n_sv} support vectors of support_')
+
+    vectors = estimator.support_vectors_
+    sparse_model = bool(estimator._sparse)
+    if callable(kernel) or kernel == 'precomputed':
+        expected, kinds = (0, 0), 'f'  # the kernel matrix takes the place of the support vectors
+    else:
+        expected, kinds = (n_sv, n_features), 'f'
+    if sparse_model and not (callable(kernel) or kernel == 'precomputed'):
+        if not isinstance(vectors, (scipy.sparse.csr_matrix, scipy.sparse.csr_array)):
+            raise _StateError('support_vectors_', f'is a {type(vectors).__name__}, but _sparse says a CSR matrix')
+        if vectors.shape != expected or vectors.dtype != np.float64:
+            raise _StateError('support_vectors_', f'is {vectors.shape} {vectors.dtype}, expected {expected} float64')
+    else:
+        _array(vectors, 'support_vectors_', kinds, expected, contiguous=True)
+
+    dual = estimator._dual_coef_
+    if sparse_model:
+        if not isinstance(dual, (scipy.sparse.csr_matrix, scipy.sparse.csr_array)):
+            raise _StateError('_dual_coef_', f'is a {type(dual).__name__}, but _sparse says a CSR matrix')
+        full_structure = (
+            dual.shape == (n_rows, n_sv)
+            and dual.dtype == np.float64
+            and dual.data.shape == (n_rows * n_sv,)
+            and np.array_equal(dual.indptr, np.arange(n_rows + 1) * n_sv)
+            and np.array_equal(dual.indices, np.tile(np.arange(n_sv), n_rows))
+        )
+        if not full_structure:
+            raise _StateError(
+                '_dual_coef_', f'is not the full {n_rows} x {n_sv} float64 matrix that libsvm reads by position'
+            )
+    else:
+        _array(dual, '_dual_coef_', 'f', (n_rows, n_sv), contiguous=True)
+    _array(estimator._intercept_, '_intercept_', 'f', (n_pairs,), contiguous=True)
+    _array(estimator.intercept_, 'intercept_', 'f', (n_pairs,))
+    n_probability = n_pairs if estimator._effective_probability else 0
+    if estimator._effective_probability and not classifier:
+        raise _StateError('_effective_probability', 'is set on a regressor')
+    for name in ('_probA', '_probB'):
+        _array(getattr(estimator, name), name, 'f', (n_probability,), contiguous=True)
+    if classifier:
+        _array(estimator.class_weight_, 'class_weight_', 'f', (n_classes,), contiguous=True)
+    if callable(kernel):
+        fitted_rows = estimator.__dict__.get('_BaseLibSVM__Xfit')
+        if getattr(fitted_rows, 'shape', None) != (n_train, n_features):
+            raise _StateError(
+                '_BaseLibSVM__Xfit',
+                f'(the training rows the kernel is computed against) is not of shape_fit_ {(n_train, n_features)}',
+            )
+
+
+def _kmeans_state(estimator: t.Any) -> None:
+    """MiniBatchKMeans: the Cython assignment loop indexes the centres by the column indices of the features."""
+    n_features = _integer(estimator.n_features_in_, 'n_features_in_', 1)
+    centres = _array(estimator.cluster_centers_, 'cluster_centers_', 'f', (None, n_features), contiguous=True)
+    if centres.shape[0] != estimator.n_clusters or centres.shape[0] < 1:
+        raise _StateError('cluster_centers_', f'has {centres.shape[0]} centres, n_clusters is {estimator.n_clusters}')
+    _integer(estimator._n_threads, '_n_threads', 1, _C_INT_MAX)
+
+
+def _tree_state(estimator: t.Any) -> None:
+    """Decision trees: nodes are checked at unpickling against the tree's own n_features, which must be the model's."""
+    import numpy as np
+    from sklearn.base import is_classifier
+
+    n_features = _integer(estimator.n_features_in_, 'n_features_in_', 1)
+    tree = estimator.tree_
+    if tree.n_features != n_features:
+        raise _StateError('tree_', f'has {tree.n_features} features, the model n_features_in_ {n_features}')
+    n_outputs = _integer(estimator.n_outputs_, 'n_outputs_', 1)
+    if tree.n_outputs != n_outputs:
+        raise _StateError('tree_', f'has {tree.n_outputs} outputs, the model n_outputs_ {n_outputs}')
+    if is_classifier(estimator) and not np.array_equal(np.atleast_1d(estimator.n_classes_), tree.n_classes):
+        raise _StateError('tree_', f'has {list(tree.n_classes)} classes, the model n_classes_ {estimator.n_classes_}')
+
+
+def _forest_state(estimator: t.Any) -> None:
+    """Forests: each tree must be a fitted tree of the forest's kind, of its features, outputs and classes."""
+    import numpy as np
+    from sklearn.base import is_classifier
+    from sklearn.ensemble import ExtraTreesClassifier
+    from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, ExtraTreeClassifier
+
+    n_features = _integer(estimator.n_features_in_, 'n_features_in_', 1)
+    n_outputs = _integer(estimator.n_outputs_, 'n_outputs_', 1)
+    trees = estimator.estimators_
+    if not isinstance(trees, list) or not trees:
+        raise _StateError('estimators_', 'is not a non-empty list of trees')
+    if isinstance(estimator, ExtraTreesClassifier):
+        kind = ExtraTreeClassifier
+    else:
+        kind = DecisionTreeClassifier if is_classifier(estimator) else DecisionTreeRegressor
+    if is_classifier(estimator):
+        classes = estimator.classes_ if n_outputs > 1 else [estimator.classes_]
+        counts = np.atleast_1d(estimator.n_classes_)
+        if len(classes) != n_outputs or counts.shape != (n_outputs,):
+            raise _StateError('n_classes_', f'does not give the classes of {n_outputs} output(s)')
+        for number, (labels, count) in enumerate(zip(classes, counts, strict=True)):
+            if getattr(labels, 'shape', None) != (count,):
+                raise _StateError('n_classes_', f'says {count} classes for output {number}, classes_ has another')
+    for number, tree in enumerate(trees):
+        if type(tree) is not kind:
+            raise _StateError(f'estimators_[{number}]', f'is a {type(tree).__name__}, not a {kind.__name__}')
+        if getattr(tree, 'n_features_in_', None) != n_features or getattr(tree, 'n_outputs_', None) != n_outputs:
+            raise _StateError(f'estimators_[{number}]', 'has other features or outputs than the forest')
+        if is_classifier(estimator) and not np.array_equal(np.atleast_1d(tree.n_classes_), counts):
+            raise _StateError(f'estimators_[{number}]', 'has other classes than the forest')
+
+
+def _scaler_state(estimator: t.Any) -> None:
+    """StandardScaler and MaxAbsScaler: one scale (and statistic) per feature."""
+    n_features = _integer(estimator.n_features_in_, 'n_features_in_', 1)
+    for name in ('scale_', 'max_abs_', 'mean_', 'var_'):
+        value = estimator.__dict__.get(name)
+        if value is not None:
+            _array(value, name, 'f', (n_features,))
+
+
+def _neighbors_state(estimator: t.Any) -> None:
+    """K-nearest neighbours: the stored training rows, their targets and counts agree."""
+    import scipy.sparse
+
+    n_features = _integer(estimator.n_features_in_, 'n_features_in_', 1)
+    n_samples = _integer(estimator.n_samples_fit_, 'n_samples_fit_', 1)
+    rows = estimator._fit_X
+    if scipy.sparse.issparse(rows):
+        if rows.shape != (n_samples, n_features):
+            raise _StateError('_fit_X', f'has shape {rows.shape}, expected {(n_samples, n_features)}')
+    else:
+        _array(rows, '_fit_X', 'f', (n_samples, n_features))
+    if getattr(estimator._y, 'shape', (None,))[0] != n_samples:
+        raise _StateError('_y', f'does not hold one target per training row ({n_samples})')
+
+
+def _pipeline_state(estimator: t.Any) -> None:
+    """A pipeline of the package: each step is fitted on the width the previous one gives (scalers keep it)."""
+    widths = {name: step.n_features_in_ for name, step in estimator.steps if hasattr(step, 'n_features_in_')}
+    if len(set(map(repr, widths.values()))) > 1:
+        raise _StateError('steps', f'are fitted on different numbers of features: {widths}')
+
+
+def _state_checks() -> dict[type, Callable[[t.Any], None]]:
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier, RandomForestRegressor
+    from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import MaxAbsScaler, StandardScaler
+    from sklearn.svm import SVC, SVR, NuSVC
+    from sklearn.tree import DecisionTreeClassifier, DecisionTreeRegressor, ExtraTreeClassifier
+
+    return {
+        **dict.fromkeys((SVC, NuSVC, SVR), _libsvm_state),
+        MiniBatchKMeans: _kmeans_state,
+        **dict.fromkeys((DecisionTreeClassifier, DecisionTreeRegressor, ExtraTreeClassifier), _tree_state),
+        **dict.fromkeys((RandomForestClassifier, RandomForestRegressor, ExtraTreesClassifier), _forest_state),
+        **dict.fromkeys((StandardScaler, MaxAbsScaler), _scaler_state),
+        **dict.fromkeys((KNeighborsClassifier, KNeighborsRegressor), _neighbors_state),
+        Pipeline: _pipeline_state,
+    }
+
+
+def _estimators_within(obj: t.Any, where: str, seen: set[int]) -> Iterable[tuple[t.Any, str]]:
+    """Every scikit-learn estimator reachable through attributes, lists and tuples, with its path from the root."""
+    from sklearn.base import BaseEstimator
+
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple)):
+        for index, item in enumerate(obj):
+            yield from _estimators_within(item, f'{where}[{index}]', seen)
+    elif isinstance(obj, BaseEstimator):
+        yield obj, where
+        for name, value in vars(obj).items():
+            if isinstance(value, (BaseEstimator, list, tuple)):
+                yield from _estimators_within(value, f'{where}.{name}', seen)
+
+
+def _is_fitted(estimator: t.Any) -> bool:
+    """scikit-learn's convention: fitting sets attributes ending in an underscore (unfitted templates have none)."""
+    return any(name.endswith('_') and not name.startswith('__') for name in vars(estimator))
+
+
+def _shadowed_class_attribute(estimator: t.Any) -> str | None:
+    """An instance attribute that hides a plain class attribute (``SVC._impl``, ``_sparse_kernels``): none is fitted."""
+    for name in vars(estimator):
+        for klass in type(estimator).__mro__:
+            if name in vars(klass):
+                if not hasattr(type(vars(klass)[name]), '__set__'):  # a property would win over the instance anyway
+                    return name
+                break
+    return None
+
+
+def check_fitted_state(obj: t.Any, *, source: str = 'the pickle') -> None:
+    """Refuse a loaded model whose fitted numbers scikit-learn's fitting never makes, before anything predicts.
+
+    Unpickling sets attributes as the file says, and scikit-learn's compiled prediction code trusts several of them
+    without checks (libsvm's support-vector counts and coefficient layout, k-means centres indexed by feature, the
+    number of OpenMP threads, a tree's number of features). A forged file with such numbers crashes the interpreter
+    or makes it read outside its arrays. The checks here are the invariants of ``fit``: shapes against
+    ``n_features_in_``, ``classes_`` and the support vectors, dtypes the compiled code takes, counts that add up.
+
+    :raises UnsafePickleError: naming the estimator, where it is in the model, the attribute and what is wrong.
+    """
+    checks = _state_checks()
+    for estimator, where in _estimators_within(obj, type(obj).__name__, set()):
+        name = type(estimator).__name__
+        shadowed = _shadowed_class_attribute(estimator)
+        check = checks.get(type(estimator))
+        try:
+            if shadowed is not None:
+                raise _StateError(shadowed, f'replaces the {name} class attribute of that name')
+            if check is not None and _is_fitted(estimator):
+                check(estimator)
+        except _StateError as problem:
+            _refuse_state(source, name, where, problem.attribute, problem.detail)
+        except (AttributeError, TypeError, ValueError) as exception:  # an attribute missing or of another type
+            _refuse_state(source, name, where, '?', f'cannot be checked ({type(exception).__name__}: {exception})')
+
+
+def _refuse_state(source: str, name: str, where: str, attribute: str, detail: str) -> t.NoReturn:
+    location = '' if where == name else f' at {where}'
+    raise UnsafePickleError(
+        f'refusing to load {source}: the fitted {name}{location} is not one that scikit-learn makes: `{attribute}` '
+        f"{detail}. scikit-learn's compiled prediction code trusts these numbers (a forged model crashes the "
+        'interpreter or reads outside its arrays), so this model is refused; retrain it from its features and '
+        'targets, or ask its author for a new copy.'
+    )

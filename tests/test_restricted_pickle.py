@@ -502,8 +502,7 @@ def _specifications() -> t.Iterator[t.Any]:
             {'estimator': name, 'scaler': 'MaxAbsScaler', 'training': {'mode': 'incremental'}}, id=f'{name}-incremental'
         )
     for name in KERNEL_ESTIMATORS:
-        if name != 'KernelRidge':  # KernelRidge cannot fit with the SOAP kernel yet (see the report)
-            yield pytest.param({'estimator': name, 'kernel': {'name': 'soap'}}, id=f'{name}-soap')
+        yield pytest.param({'estimator': name, 'kernel': {'name': 'soap'}}, id=f'{name}-soap')
     yield pytest.param({'estimator': 'SGDClassifier', 'parameters': {'loss': 'log_loss'}}, id='SGDClassifier-log_loss')
     yield pytest.param({'estimator': 'SGDRegressor', 'parameters': {'loss': 'huber'}}, id='SGDRegressor-huber')
     yield pytest.param({'estimator': 'SVC', 'parameters': {'probability': True, 'random_state': 0}}, id='SVC-proba')
