@@ -68,6 +68,7 @@ class Forgery:
     attribute: str  # the attribute the refusal names
     crashes: bool = False  # plain pickle + predict dies (signal, or exit from the OpenMP runtime)
     n_classes: int = 3  # 0: regression
+    message: str | None = None  # what the refusal says, if not `fitted <estimator>` and the attribute
 
 
 def _set(name: str, value: t.Callable[[t.Any], t.Any]) -> t.Callable[[t.Any], None]:
@@ -105,6 +106,13 @@ def _tree_features(estimator: t.Any) -> dict[int, tuple]:
     state = dict(state, nodes=state['nodes'].copy())
     state['nodes']['feature'][0] = n_features  # the root splits on the feature that the model does not have
     return {id(tree): (cls, (n_features + 1, n_classes, n_outputs), state)}
+
+
+def _tree_outputs(estimator: t.Any) -> dict[int, tuple]:
+    """The first tree of the forest says 10**12 outputs: its constructor would allocate 8 TB before any check."""
+    tree = estimator.estimators_[0].tree_
+    cls, (n_features, n_classes, _), state = tree.__reduce__()
+    return {id(tree): (cls, (n_features, n_classes, 10**12), state)}
 
 
 SVC = {'estimator': 'SVC'}
@@ -171,6 +179,9 @@ FORGERIES: dict[str, Forgery] = {
     # Not signals, but outside what scikit-learn fits: a tree reading past its feature buffer (malloc, unguarded),
     # and errors that score_model would not turn into an exit code (AssertionError, OverflowError, AttributeError).
     'forest tree with a feature more': Forgery(FOREST, _tree_features, 'DecisionTreeClassifier', 'tree_'),
+    'forest tree with 10**12 outputs': Forgery(
+        FOREST, _tree_outputs, 'Tree', 'n_outputs', message='decision tree from the forged model: it has not one class'
+    ),
     'StandardScaler scale_ one short': Forgery(
         {**SVC, 'scaler': 'StandardScaler'}, _scaler('scale_', lambda a: a[:-1]), 'StandardScaler', 'scale_'
     ),
@@ -239,8 +250,11 @@ def test_forged_model_refused_at_load(name, data, tmp_path):
     result = _run('restricted', _forged_pickle(forgery, data), data, tmp_path)
     assert result.returncode == 0, f'loading the forged model killed the interpreter ({result.returncode}): {result}'
     assert result.stdout.startswith('REFUSED'), f'the forged model was not refused: {result.stdout}'
-    assert f'fitted {forgery.estimator}' in result.stdout
-    assert f'`{forgery.attribute}`' in result.stdout
+    if forgery.message is None:
+        assert f'fitted {forgery.estimator}' in result.stdout
+        assert f'`{forgery.attribute}`' in result.stdout
+    else:
+        assert forgery.message in result.stdout
     assert 'the forged model' in result.stdout
 
 

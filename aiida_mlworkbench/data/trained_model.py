@@ -230,7 +230,9 @@ class TrainedModel(Data):
             ``trusted_modules`` attribute are *not* trusted automatically, because the attribute comes with the file.
         :raises CorruptedModelError: if the stored pickle does not match the stored checksum, or cannot be read.
         :raises aiida_mlworkbench.restricted_pickle.UnsafePickleError: if the pickle asks for anything not admitted
-            (nothing of it ran).
+            (nothing of it ran), or builds a fitted state that scikit-learn's ``fit`` never makes (forged numbers that
+            its compiled prediction code would trust; see
+            :func:`~aiida_mlworkbench.restricted_pickle.check_fitted_state`).
         """
         cached = getattr(self, '_estimator_cache', None)
         if cached is not None and not self.is_stored:
