@@ -112,7 +112,9 @@ def diagnosis(message: str, nodes: list[orm.ProcessNode], daemon_output: str) ->
     for node in nodes:
         lines.append(f'--- {node}: {node.process_state} {node.exit_status} {node.process_status}')
         lines.extend(f'  {log.levelname} {log.metadata.get("process")}: {log.message}' for log in process_logs(node))
-    lines.append(f'--- daemon log:\n{daemon_output[-20000:]}')
+    if len(daemon_output) > 30000:  # the first error and the end
+        daemon_output = f'{daemon_output[:20000]}\n[...]\n{daemon_output[-10000:]}'
+    lines.append(f'--- daemon log:\n{daemon_output}')
     return '\n'.join(lines)
 
 
@@ -120,6 +122,10 @@ def diagnosis(message: str, nodes: list[orm.ProcessNode], daemon_output: str) ->
 def test_work_chains_at_once(n_runs, embedding_pks, alone, two_workers):
     """``n_runs`` work chains submitted together to two daemon workers all finish OK, with the results of each alone,
     and no process or worker logged a lock error."""
+    # The runs alone come first. They also store aiida-core's global setting `process|state_change|calculation`: in a
+    # profile where no calculation ever ran, aiida-core 2.9 creates it with a check-then-insert at the first state
+    # change, and two workers doing that at once collide (UniqueViolation on PostgreSQL) in aiida-core's own code.
+    expected = [alone(run) for run in range(n_runs)]
     daemon_log = pathlib.Path(two_workers.daemon_log_file)
     log_start = daemon_log.stat().st_size if daemon_log.exists() else 0
 
@@ -151,4 +157,4 @@ def test_work_chains_at_once(n_runs, embedding_pks, alone, two_workers):
     assert len(workers) == WORKERS, f'the {n_runs} runs went to the workers {workers}'
 
     for run, node in enumerate(nodes):
-        assert results_of(node) == alone(run), f'run {run} ({node}) differs from the same run alone'
+        assert results_of(node) == expected[run], f'run {run} ({node}) differs from the same run alone'
