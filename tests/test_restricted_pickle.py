@@ -719,6 +719,18 @@ def test_score_model_that_cannot_predict_these_targets(pipeline, dataset, scorin
     _assert_failed_without_outputs(process, 'prediction_failed')
 
 
+def test_score_model_whose_forged_state_fails_in_python(dataset, scoring_inputs):
+    """A forged strategy makes scikit-learn raise UnboundLocalError (no ValueError): still exit code 339."""
+    from sklearn.dummy import DummyClassifier
+
+    features, labels, _ = dataset
+    estimator = DummyClassifier(strategy='prior').fit(features, labels)
+    estimator._strategy = ''
+    _, process = score_model.run_get_node(model=TrainedModel(estimator).store(), **_inputs(scoring_inputs))
+    _assert_failed_without_outputs(process, 'prediction_failed')
+    assert 'UnboundLocalError' in process.exit_message
+
+
 def test_score_still_scores(pipeline, scoring_inputs):
     outputs = score_model(model=TrainedModel(pipeline).store(), **_inputs(scoring_inputs))
     assert 0 <= outputs['score'].value <= 1

@@ -191,7 +191,7 @@ def score_model(
         return EXIT_CODES['corrupted_features'].format(
             detail=f'{exception} Featurize the structures again, or re-import the features from a trusted archive.'
         )
-    except (ValueError, TypeError, IndexError) as exception:
+    except Exception as exception:  # a model inconsistent with itself can fail in any way; it must not crash
         return EXIT_CODES['prediction_failed'].format(
             detail=f'{type(exception).__name__}: {exception}. The model is inconsistent with itself or with these '
             'targets: retrain it on these features and targets.'
