@@ -656,7 +656,7 @@ SPLIT_CASES = {
     'negative row': ({'train': np.arange(36), 'test': [-1, 40]}, 'refers to row -1'),
     'non-integer rows': ({'train': np.arange(36), 'test': [36.0, 37.5]}, 'integer row indices, got float64'),
     'two-dimensional rows': ({'train': np.arange(36), 'test': [[36, 37]]}, 'of shape \\(1, 2\\)'),
-    'no test rows': ({'train': np.arange(36), 'test': np.array([], dtype=int)}, '`test` has no rows'),
+    'no test rows': ({'train': np.arange(36), 'test': np.array([], dtype=int)}, 'has no test rows'),
 }
 
 

@@ -8,6 +8,7 @@ import numpy as np
 from aiida import orm
 from aiida.engine import ExitCode, calcfunction
 
+from aiida_mlworkbench.calcfunctions.learning_inputs import LearningInputError, split_arrays, target_array
 from aiida_mlworkbench.data import (
     CorruptedFeatureMatrixError,
     CorruptedModelError,
@@ -31,62 +32,6 @@ EXIT_CODES = {
     'invalid_targets': ExitCode(338, 'invalid targets: {detail}'),
     'prediction_failed': ExitCode(339, 'the model failed to predict: {detail}'),
 }
-
-
-class _InputError(ValueError):
-    """An input of :func:`score_model` is unusable; ``name`` is the key of its exit code."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(message)
-        self.name = name
-
-
-def _target_array(targets: orm.ArrayData) -> np.ndarray:
-    """The ``targets`` array, one value per row of the feature matrix."""
-    names = targets.get_arraynames()
-    if 'targets' not in names:
-        raise _InputError(
-            'invalid_targets',
-            f'{targets} has no array `targets` (arrays: {sorted(names)}): give the `targets` output of the targets '
-            'calcfunction, or an ArrayData with the array `targets`',
-        )
-    labels = targets.get_array('targets')
-    if labels.ndim != 1:
-        raise _InputError(
-            'invalid_targets', f'`targets` must be one-dimensional, one value per row, got {labels.shape}'
-        )
-    return labels
-
-
-def _split_rows(split: orm.ArrayData, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``test`` and ``train`` rows, checked: present, integer row indices within the matrix, not empty."""
-    names = split.get_arraynames()
-    rows = {}
-    for side in ('test', 'train'):
-        if side not in names:
-            raise _InputError(
-                'invalid_split',
-                f'{split} has no array `{side}` (arrays: {sorted(names)}): give the output of split_rows, or an '
-                'ArrayData with the arrays `train` and `test` of row indices',
-            )
-        values = split.get_array(side)
-        if values.ndim != 1 or values.dtype.kind not in 'iu':
-            raise _InputError(
-                'invalid_split',
-                f'`{side}` must be a one-dimensional array of integer row indices, got {values.dtype} of shape '
-                f'{values.shape}',
-            )
-        if not values.size:
-            raise _InputError('invalid_split', f'`{side}` has no rows: a score needs rows on both sides of the split')
-        if values.min() < 0 or values.max() >= n_rows:
-            row = int(values.max() if values.max() >= n_rows else values.min())
-            raise _InputError(
-                'invalid_split',
-                f'`{side}` refers to row {row}, but the feature matrix has {n_rows} rows (0 to {n_rows - 1}): '
-                'split the rows of these features',
-            )
-        rows[side] = values
-    return rows['test'], rows['train']
 
 
 def _finite_or_none(value: t.Any) -> t.Any:
@@ -161,12 +106,14 @@ def score_model(
     if task not in ('classification', 'regression'):
         return EXIT_CODES['unsupported_task'].format(task=task)
     try:
-        labels = _target_array(targets)
+        labels = target_array(targets)
         if labels.shape[0] != features.n_rows:
             return EXIT_CODES['targets_mismatch'].format(n_targets=labels.shape[0], n_rows=features.n_rows)
-        test, train = _split_rows(split, features.n_rows)
-    except _InputError as exception:
-        return EXIT_CODES[exception.name].format(detail=str(exception))
+        rows = split_arrays(split, features.n_rows, sides=('train', 'test'))
+    except LearningInputError as exception:
+        name = 'invalid_targets' if exception.name.endswith('targets') else 'invalid_split'
+        return EXIT_CODES[name].format(detail=str(exception))
+    test, train = rows['test'], rows['train']
     try:
         model.check_features(features)
     except IncompatibleFeaturesError as exception:

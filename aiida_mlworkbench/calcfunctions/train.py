@@ -13,6 +13,7 @@ import numpy as np
 from aiida import orm
 from aiida.engine import ExitCode, calcfunction
 
+from aiida_mlworkbench.calcfunctions.learning_inputs import LearningInputError, split_arrays, target_array
 from aiida_mlworkbench.data import SparseFeatureMatrix, TrainedModel
 from aiida_mlworkbench.data.sparse_features import CorruptedFeatureMatrixError, plan_row_blocks
 from aiida_mlworkbench.estimators import (
@@ -35,66 +36,6 @@ EXIT_CODES = {
     'non_finite_targets': ExitCode(326, '{detail}'),
     'corrupted_features': ExitCode(327, 'the feature matrix cannot be read: {detail}'),
 }
-
-
-class _InputError(ValueError):
-    """An input of :func:`train_model` is unusable; ``name`` is the key of its exit code."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(message)
-        self.name = name
-
-
-def _target_array(targets: orm.ArrayData) -> np.ndarray:
-    """The ``targets`` array: one-dimensional, and finite if numeric (NaN labels cannot be learnt, nor scored)."""
-    names = targets.get_arraynames()
-    if 'targets' not in names:
-        raise _InputError(
-            'invalid_targets', f'{targets} has no array `targets` (arrays: {sorted(names)}): give the targets output'
-        )
-    labels = targets.get_array('targets')
-    if labels.ndim != 1:
-        raise _InputError(
-            'invalid_targets', f'`targets` must be one-dimensional, one value per row, got {labels.shape}'
-        )
-    if labels.dtype.kind in 'fc' and not np.all(np.isfinite(labels)):
-        row = int(np.argmin(np.isfinite(labels)))
-        raise _InputError(
-            'non_finite_targets',
-            f'target of row {row} is {labels[row]}: targets must be finite numbers; drop that row or give its value',
-        )
-    return labels
-
-
-def _split_rows(split: orm.ArrayData, n_rows: int) -> np.ndarray:
-    """The ``train`` rows of the split, checked: integers, within the matrix, no row twice, none also a test row."""
-    names = split.get_arraynames()
-    if 'train' not in names:
-        raise _InputError('invalid_split', f'{split} has no array `train` (arrays: {sorted(names)}): use split_rows')
-    sides = {}
-    for side in ('train', 'test'):
-        if side not in names:
-            continue
-        rows = split.get_array(side)
-        if rows.ndim != 1 or rows.dtype.kind not in 'iu':
-            raise _InputError(
-                'invalid_split',
-                f'`{side}` must be a one-dimensional array of integer row indices, got {rows.dtype} '
-                f'of shape {rows.shape}',
-            )
-        if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
-            row = int(rows.max() if rows.max() >= n_rows else rows.min())
-            raise _InputError('split_out_of_range', f'{row}')
-        if np.unique(rows).size != rows.size:
-            raise _InputError('invalid_split', f'`{side}` names a row more than once')
-        sides[side] = rows
-    if not sides['train'].size:
-        raise _InputError('invalid_split', 'the split has no train rows')
-    if 'test' in sides and np.intersect1d(sides['train'], sides['test']).size:
-        raise _InputError(
-            'invalid_split', 'rows are in both `train` and `test`: a model would be scored on its training data'
-        )
-    return sides['train']
 
 
 def _steps(model: t.Any) -> tuple[t.Any, t.Any]:
@@ -184,13 +125,13 @@ def train_model(
     if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 0:
         return EXIT_CODES['corrupted_features'].format(detail=f'{features} has no valid n_rows attribute ({n_rows!r})')
     try:
-        labels = _target_array(targets)
+        labels = target_array(targets)
         if labels.shape[0] != n_rows:
             return EXIT_CODES['targets_mismatch'].format(n_targets=labels.shape[0], n_rows=n_rows)
-        train = _split_rows(split, n_rows)
-    except _InputError as exception:
+        train = split_arrays(split, n_rows, sides=('train',))['train']
+    except LearningInputError as exception:
         if exception.name == 'split_out_of_range':
-            return EXIT_CODES['split_out_of_range'].format(row=str(exception), n_rows=n_rows)
+            return EXIT_CODES['split_out_of_range'].format(row=exception.row, n_rows=n_rows)
         return EXIT_CODES[exception.name].format(detail=str(exception))
 
     try:

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 from aiida import orm
 from aiida.common import LinkType
 from aiida.engine import ExitCode, ProcessBuilder, WorkChain, if_
-from aiida.manage import get_manager
 
 from aiida_mlworkbench.bulk_links import BulkLinks
 from aiida_mlworkbench.calcfunctions.clusters import (
@@ -327,11 +326,11 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
                 [embeddings.impurity_infos[key] for key in batch],
                 [rcut_units.get(key) for key in batch],
             )
-            # One transaction per batch: the clusters are flushed together instead of committed one by one.
-            with get_manager().get_profile_storage().transaction():
-                outputs, process = impurity_cluster_structures.run_get_node(
-                    **inputs, metadata={'call_link_label': 'impurity_clusters'}
-                )
+            # Not inside an outer transaction: the calcfunction stores its outputs in one write transaction of its
+            # own, and an outer (deferred) one would hold SQLite's write lock for the whole batch (bulk_links).
+            outputs, process = impurity_cluster_structures.run_get_node(
+                **inputs, metadata={'call_link_label': 'impurity_clusters'}
+            )
             if not process.is_finished_ok:
                 return self._failed(process, self.exit_codes.ERROR_CLUSTER_EXTRACTION)
             clusters.update(outputs['clusters'])
