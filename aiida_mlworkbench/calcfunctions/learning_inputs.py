@@ -10,16 +10,23 @@ from __future__ import annotations
 import numpy as np
 from aiida import orm
 
-__all__ = ('LearningInputError', 'split_arrays', 'target_array')
+__all__ = ('CalcfunctionInputError', 'LearningInputError', 'split_arrays', 'target_array')
 
 
-class LearningInputError(ValueError):
-    """A targets or split input is unusable; ``name`` says what is wrong, ``row`` the offending row if any."""
+class CalcfunctionInputError(ValueError):
+    """An input of a calcfunction is unusable: ``name`` is the key of the exit code that says so, ``row`` the
+    offending row if any. The calcfunctions' input checks raise subclasses of it, which the port validators of the work
+    chain turn into messages and the calcfunctions into exit codes.
+    """
 
     def __init__(self, name: str, message: str, *, row: int | None = None) -> None:
         super().__init__(message)
         self.name = name
         self.row = row
+
+
+class LearningInputError(CalcfunctionInputError):
+    """A targets or split input of ``train_model`` or ``score_model`` is unusable."""
 
 
 def target_array(targets: orm.ArrayData) -> np.ndarray:

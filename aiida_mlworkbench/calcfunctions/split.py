@@ -15,6 +15,8 @@ import numpy as np
 from aiida import orm
 from aiida.engine import ExitCode, calcfunction
 
+from aiida_mlworkbench.calcfunctions.learning_inputs import CalcfunctionInputError
+
 __all__ = (
     'DEFAULT_SPLIT',
     'EXIT_CODES',
@@ -43,12 +45,8 @@ EXIT_CODES = {
 }
 
 
-class SplitSettingsError(ValueError):
+class SplitSettingsError(CalcfunctionInputError):
     """A split setting is invalid, or the rows cannot be split so; ``name`` is the key of its exit code."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(message)
-        self.name = name
 
 
 def check_split_settings(settings: Mapping[str, t.Any]) -> dict[str, t.Any]:

@@ -10,6 +10,7 @@ from aiida.engine import ExitCode
 
 from aiida_mlworkbench.bulk_links import calcfunction
 from aiida_mlworkbench.calcfunctions.lattice import DEFAULT_SYMPREC, check_symprec, classify_lattice
+from aiida_mlworkbench.calcfunctions.learning_inputs import CalcfunctionInputError
 
 __all__ = ('EXIT_CODES', 'TargetValuesError', 'check_target_values', 'host_lattice_targets', 'targets_from_values')
 
@@ -23,12 +24,8 @@ EXIT_CODES = {
 }
 
 
-class TargetValuesError(ValueError):
+class TargetValuesError(CalcfunctionInputError):
     """The target values are unusable; ``name`` is the key of the exit code of :func:`targets_from_values`."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(message)
-        self.name = name
 
 
 def check_target_values(items: t.Sequence[t.Any]) -> tuple[np.ndarray, str]:
