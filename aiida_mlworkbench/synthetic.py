@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import typing as t
 
 import numpy as np
 from aiida import orm
-from aiida.orm.entities import EntityTypes
 
 __all__ = (
     'EXTRA_HOST_UUID',
@@ -216,7 +214,8 @@ def create_synthetic_database(
 
     Hosts are stored once and shared by all their impurities; every node carries the extra
     ``mlworkbench_synthetic: True`` and a description that says it is synthetic. Iterate the embeddings in order with
-    :func:`iter_synthetic_embeddings`.
+    :func:`iter_synthetic_embeddings`. All nodes and the group membership are stored in one transaction: if anything
+    fails, no node and no new group is left behind, and an existing empty group stays empty.
 
     :param size: number of embeddings, at most :func:`max_database_size`; 1752 and 7100 are the sizes of the
         reference studies.
@@ -233,47 +232,26 @@ def create_synthetic_database(
     if group is not None and not group.is_empty:
         return group
 
-    hosts: dict[tuple[str, float], orm.StructureData] = {}
+    host_lattices: dict[tuple[str, float], LatticeClass] = {}  # in order of first use
     cutoffs: dict[tuple[str, float], float] = {}
     reference_cutoffs: dict[str, float] = {}  # an isotropic strain scales the cutoff with the lattice
     for embedding in plan:
         key = (embedding.host, embedding.strain)
-        if key in hosts:
+        if key in host_lattices:
             continue
-        atoms = _host_atoms(embedding.host, embedding.strain)
-        strain_text = f', strained by {embedding.strain:+.0%}' if embedding.strain else ''
-        host = orm.StructureData(ase=atoms)
-        host.label = f'{embedding.host} {embedding.lattice} host{strain_text} (synthetic)'
-        host.description = (
-            f'Synthetic host: {embedding.host} in its ASE reference state ({embedding.lattice}{strain_text}), '
-            f'{_DESCRIPTION_NOTE}.'
-        )
-        host.base.extras.set_many(
-            {EXTRA_SYNTHETIC: True, EXTRA_LATTICE: embedding.lattice, EXTRA_STRAIN: embedding.strain}
-        )
-        hosts[key] = host
+        host_lattices[key] = embedding.lattice
         if embedding.host not in reference_cutoffs:
             reference_cutoffs[embedding.host] = two_shell_cutoff(_host_atoms(embedding.host, 0.0), embedding.lattice)
         cutoffs[key] = round(reference_cutoffs[embedding.host] * (1.0 + embedding.strain), 4)
 
-    user_pk = orm.User.collection.get_default().pk
-    host_identities = {key: (host.uuid, host.label) for key, host in hosts.items()}
-    impurity_rows = []
-    for index, embedding in enumerate(plan):
-        key = (embedding.host, embedding.strain)
-        host_uuid, host_label = host_identities[key]
-        impurity_rows.append(
-            _impurity_info_row(
-                index, embedding, host_uuid=host_uuid, host_label=host_label, rcut=cutoffs[key], user_pk=user_pk
-            )
-        )
-
-    storage = get_manager().get_profile_storage()
-    with storage.transaction():
-        for host in hosts.values():
-            host.store()
-        node_pks = [host.pk for host in hosts.values()]
-        node_pks.extend(storage.bulk_insert(EntityTypes.NODE, impurity_rows, allow_defaults=True))
+    # One transaction: a failure leaves neither nodes nor a new group behind, and the storage commits once. Each node
+    # is made just before it is stored: a flush that meets an unstored node warns (`DbUser.dbnodes` SAWarning).
+    with get_manager().get_profile_storage().transaction():
+        hosts = {key: _host(*key, lattice).store() for key, lattice in host_lattices.items()}
+        impurity_infos: list[orm.Dict] = []
+        for index, embedding in enumerate(plan):
+            key = (embedding.host, embedding.strain)
+            impurity_infos.append(_impurity_info(index, embedding, hosts[key], cutoffs[key]).store())
 
         if group is None:
             group = orm.Group(label=label).store()
@@ -285,60 +263,36 @@ def create_synthetic_database(
         group.base.extras.set_many(
             {EXTRA_SYNTHETIC: True, 'size': size, 'seed': seed, 'hosts': len(hosts), 'lattice_counts': dict(counts)}
         )
-        storage.bulk_insert(EntityTypes.GROUP_NODE, [{'dbgroup_id': group.pk, 'dbnode_id': pk} for pk in node_pks])
+        group.add_nodes([*hosts.values(), *impurity_infos])
 
     return group
 
 
-def _impurity_info_row(
-    index: int, embedding: SyntheticEmbedding, *, host_uuid: str, host_label: str, rcut: float, user_pk: int
-) -> dict[str, t.Any]:
-    """Return the database row of the ``impurity_info`` ``Dict`` of one embedding, for a bulk insert.
+def _host(symbol: str, strain: float, lattice: LatticeClass) -> orm.StructureData:
+    """Return the unstored host crystal of ``symbol`` at ``strain``, labelled and marked as synthetic."""
+    strain_text = f', strained by {strain:+.0%}' if strain else ''
+    host = orm.StructureData(ase=_host_atoms(symbol, strain))
+    host.label = f'{symbol} {lattice} host{strain_text} (synthetic)'
+    host.description = (
+        f'Synthetic host: {symbol} in its ASE reference state ({lattice}{strain_text}), {_DESCRIPTION_NOTE}.'
+    )
+    host.base.extras.set_many({EXTRA_SYNTHETIC: True, EXTRA_LATTICE: lattice, EXTRA_STRAIN: strain})
+    return host
 
-    Storing thousands of ``Dict`` nodes one by one takes minutes; one bulk insert (as archive import does) takes a
-    second. The row holds what ``Dict.store`` would write, including the hash that caching uses.
+
+def _impurity_info(index: int, embedding: SyntheticEmbedding, host: orm.StructureData, rcut: float) -> orm.Dict:
+    """Return the unstored ``impurity_info`` ``Dict`` of one embedding, as ``kkr_imp_wc`` takes it.
+
+    Its extras name the host by UUID and the position in the database.
     """
-    from aiida.common import timezone
-    from aiida.common.hashing import make_hash
-    from aiida.common.utils import get_new_uuid
-
-    attributes = {
-        'ilayer_center': 0,
-        'Rcut': rcut,
-        'Zimp': [_atomic_number(embedding.impurity)],
-    }
-    objects_to_hash = {**dict(_dict_hash_objects()), 'attributes': attributes}
-    now = timezone.now()
-    return {
-        'uuid': get_new_uuid(),
-        'node_type': orm.Dict.class_node_type,
-        'process_type': None,
-        'label': f'{embedding.impurity} in {host_label}',
-        'description': (
-            f'Synthetic impurity_info for kkr_imp_wc: a {embedding.impurity} impurity in {host_label}, '
-            f'cluster of two neighbour shells, {_DESCRIPTION_NOTE}.'
-        ),
-        'ctime': now,
-        'mtime': now,
-        'attributes': attributes,
-        'extras': {
-            EXTRA_SYNTHETIC: True,
-            EXTRA_HOST_UUID: host_uuid,
-            EXTRA_INDEX: index,
-            '_aiida_hash': make_hash(objects_to_hash),
-        },
-        'repository_metadata': {},
-        'dbcomputer_id': None,
-        'user_id': user_pk,
-    }
-
-
-@functools.cache
-def _dict_hash_objects() -> tuple[tuple[str, t.Any], ...]:
-    """Return what the hash of an empty ``Dict`` is made of (class, repository hash, computer), but the attributes."""
-    objects = orm.Dict().base.caching.get_objects_to_hash()
-    objects.pop('attributes')
-    return tuple(objects.items())
+    impurity_info = orm.Dict({'ilayer_center': 0, 'Rcut': rcut, 'Zimp': [_atomic_number(embedding.impurity)]})
+    impurity_info.label = f'{embedding.impurity} in {host.label}'
+    impurity_info.description = (
+        f'Synthetic impurity_info for kkr_imp_wc: a {embedding.impurity} impurity in {host.label}, '
+        f'cluster of two neighbour shells, {_DESCRIPTION_NOTE}.'
+    )
+    impurity_info.base.extras.set_many({EXTRA_SYNTHETIC: True, EXTRA_HOST_UUID: host.uuid, EXTRA_INDEX: index})
+    return impurity_info
 
 
 def _atomic_number(symbol: str) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import time
 import uuid
 
 import pytest
@@ -52,13 +51,25 @@ def _embedding_keys(embeddings) -> tuple[list[tuple[str, str, float]], list[int]
     return keys, pks
 
 
-@pytest.fixture(scope='module')
-def database_1752():
-    """A synthetic database of 1752 embeddings, created once for the module, and how many process nodes it made."""
+@pytest.fixture(scope='module', params=[1752, 7100], ids=lambda size: f'size{size}')
+def database(request) -> tuple[orm.Group, int]:
+    """A synthetic database, created once for the module, and how many process nodes it made.
+
+    1752 embeddings use reference lattice constants only; 7100 also strained hosts.
+    """
     processes_before = orm.QueryBuilder().append(orm.ProcessNode).count()
-    group = create_synthetic_database(1752, seed=0, group_label=_unique_label('1752'))
+    group = create_synthetic_database(request.param, seed=0, group_label=_unique_label(str(request.param)))
     processes_after = orm.QueryBuilder().append(orm.ProcessNode).count()
     return group, processes_after - processes_before
+
+
+def _plan_of(group: orm.Group) -> list[synthetic.SyntheticEmbedding]:
+    return plan_synthetic_database(group.base.extras.get('size'), seed=group.base.extras.get('seed'))
+
+
+def _storage_counts() -> tuple[int, int]:
+    """Return the number of nodes and of groups in the storage."""
+    return orm.QueryBuilder().append(orm.Node).count(), orm.QueryBuilder().append(orm.Group).count()
 
 
 def test_species_list():
@@ -139,13 +150,13 @@ def test_two_shell_cutoff_ase(symbol, lattice, neighbours):
     assert (centres == 0).sum() == neighbours
 
 
-def test_database_group(database_1752):
+def test_database_group(database):
     """The group holds the hosts and the impurity_info nodes, and says what it is."""
-    group, processes = database_1752
-    plan = plan_synthetic_database(1752, seed=0)
+    group, processes = database
+    plan = _plan_of(group)
     n_hosts = len({(embedding.host, embedding.strain) for embedding in plan})
 
-    assert group.count() == 1752 + n_hosts
+    assert group.count() == len(plan) + n_hosts
     assert (
         orm.QueryBuilder()
         .append(orm.Group, filters={'id': group.pk}, tag='g')
@@ -157,15 +168,15 @@ def test_database_group(database_1752):
 
     extras = group.base.extras.all
     assert extras[EXTRA_SYNTHETIC] is True
-    assert (extras['size'], extras['seed'], extras['hosts']) == (1752, 0, n_hosts)
+    assert (extras['size'], extras['seed'], extras['hosts']) == (len(plan), 0, n_hosts)
     assert extras['lattice_counts'] == dict(collections.Counter(embedding.lattice for embedding in plan))
     assert 'synthetic' in group.description.lower()
 
 
-def test_database_order_matches_plan(database_1752):
+def test_database_order_matches_plan(database):
     """The embeddings come back in the planned order, and hosts are shared between their impurities."""
-    group, _ = database_1752
-    plan = plan_synthetic_database(1752, seed=0)
+    group, _ = database
+    plan = _plan_of(group)
     embeddings = list(iter_synthetic_embeddings(group))
 
     keys, pks = _embedding_keys(embeddings)
@@ -175,7 +186,7 @@ def test_database_order_matches_plan(database_1752):
         orm.Dict, filters={'id': {'in': pks}}, project=['id', f'extras.{EXTRA_INDEX}', f'extras.{EXTRA_HOST_UUID}']
     )
     extras = {pk: (index, host_uuid) for pk, index, host_uuid in query.all()}
-    assert [extras[pk][0] for pk in pks] == list(range(1752))
+    assert [extras[pk][0] for pk in pks] == list(range(len(plan)))
 
     host_uuids: dict[int, str] = {}  # by Python object: hosts are shared objects, read each uuid once
     hosts_by_key = collections.defaultdict(set)
@@ -186,9 +197,9 @@ def test_database_order_matches_plan(database_1752):
     assert all(len(uuids) == 1 for uuids in hosts_by_key.values())
 
 
-def test_database_nodes_marked_synthetic(database_1752):
+def test_database_nodes_marked_synthetic(database):
     """Every node in the group has the synthetic extra and a description that says so."""
-    group, _ = database_1752
+    group, _ = database
     query = orm.QueryBuilder().append(orm.Group, filters={'id': group.pk}, tag='g')
     query.append(orm.Node, with_group='g', project=['extras', 'description', 'node_type'])
     rows = query.all()
@@ -200,9 +211,9 @@ def test_database_nodes_marked_synthetic(database_1752):
         assert node_type in {orm.StructureData.class_node_type, orm.Dict.class_node_type}
 
 
-def test_database_impurity_info_form(database_1752):
+def test_database_impurity_info_form(database):
     """impurity_info has exactly the keys and types kkr_imp_wc takes; nodes are proper, hashed Dict nodes."""
-    group, _ = database_1752
+    group, _ = database
     for index, (host, info) in enumerate(iter_synthetic_embeddings(group)):
         if index % 97:
             continue
@@ -221,11 +232,12 @@ def test_database_impurity_info_form(database_1752):
         assert info.user.pk == orm.User.collection.get_default().pk
 
 
-def test_database_rcut_two_shells(database_1752):
-    """With aiida-kkr's own cluster geometry, Rcut gives 18 neighbours in fcc and hcp and 14 in bcc."""
+def test_database_rcut_two_shells(database):
+    """With aiida-kkr's own cluster geometry, Rcut gives 18 neighbours in fcc and hcp and 14 in bcc, also in strained
+    hosts."""
     from aiida_kkr.tools.tools_kkrimp import create_scoef_array
 
-    group, _ = database_1752
+    group, _ = database
     expected = {'fcc': 18, 'hcp': 18, 'bcc': 14}
     seen = {}
     for host, info in iter_synthetic_embeddings(group):
@@ -239,9 +251,9 @@ def test_database_rcut_two_shells(database_1752):
         assert neighbours == expected[lattice]
 
 
-def test_database_hosts_classified(database_1752):
+def test_database_hosts_classified(database):
     """Every stored host has the lattice type of its class: the learning target is right."""
-    group, _ = database_1752
+    group, _ = database
     query = orm.QueryBuilder().append(orm.Group, filters={'id': group.pk}, tag='g')
     query.append(orm.StructureData, with_group='g')
     for host in query.all(flat=True):
@@ -249,14 +261,15 @@ def test_database_hosts_classified(database_1752):
         assert len(host.sites) == (2 if host.base.extras.get(synthetic.EXTRA_LATTICE) == 'hcp' else 1)
 
 
-def test_existing_group_refused_or_reused(database_1752):
+def test_existing_group_refused_or_reused(database):
     """A non-empty group is refused unless reused; reusing returns it unchanged; a mismatched one is refused."""
-    group, _ = database_1752
+    group, _ = database
+    size = group.base.extras.get('size')
     with pytest.raises(ValueError, match='already exists and holds'):
-        create_synthetic_database(1752, seed=0, group_label=group.label)
+        create_synthetic_database(size, seed=0, group_label=group.label)
 
     count = group.count()
-    reused = create_synthetic_database(1752, seed=0, group_label=group.label, reuse_existing=True)
+    reused = create_synthetic_database(size, seed=0, group_label=group.label, reuse_existing=True)
     assert reused.pk == group.pk
     assert reused.count() == count
 
@@ -282,19 +295,44 @@ def test_iter_refuses_other_group():
         iter_synthetic_embeddings(group)
 
 
-def test_database_7100():
-    """The full-scale database is created in seconds, balanced, with the hosts shared."""
-    start = time.perf_counter()
-    group = create_synthetic_database(7100, seed=0, group_label=_unique_label('7100'))
-    elapsed = time.perf_counter() - start
-    print(f'created 7100 synthetic embeddings in {elapsed:.1f} s')
+@pytest.mark.parametrize('existing_group', [False, True], ids=['new_group', 'empty_group'])
+@pytest.mark.parametrize('failing', ['Dict.store', 'Group.add_nodes'])
+def test_failure_leaves_nothing_behind(monkeypatch, failing, existing_group):
+    """A failure after some nodes were stored rolls everything back: no node, no new group, an empty group stays empty;
+    a second try then creates the database."""
+    label = _unique_label('failure')
+    if existing_group:
+        orm.Group(label=label).store()
+    counts = _storage_counts()
 
-    plan = plan_synthetic_database(7100, seed=0)
-    n_hosts = len({(embedding.host, embedding.strain) for embedding in plan})
-    assert group.count() == 7100 + n_hosts
-    counts = group.base.extras.get('lattice_counts')
-    assert sorted(counts.values()) == [2366, 2367, 2367]
+    if failing == 'Dict.store':
+        store = orm.Dict.store
+        calls = itertools.count()
 
-    first, _ = _embedding_keys(itertools.islice(iter_synthetic_embeddings(group), 20))
-    assert first == [(e.host, e.impurity, e.strain) for e in plan[:20]]
-    assert elapsed < 60
+        def failing_store(node):
+            if next(calls) == 5:
+                raise RuntimeError('simulated storage failure')
+            return store(node)
+
+        monkeypatch.setattr(orm.Dict, 'store', failing_store)
+    else:
+
+        def failing_add_nodes(group, nodes):
+            raise RuntimeError('simulated storage failure')
+
+        monkeypatch.setattr(orm.Group, 'add_nodes', failing_add_nodes)
+
+    with pytest.raises(RuntimeError, match='simulated storage failure'):
+        create_synthetic_database(12, seed=4, group_label=label)
+    monkeypatch.undo()
+
+    assert _storage_counts() == counts
+    groups = orm.QueryBuilder().append(orm.Group, filters={'label': label}, project=['extras']).all(flat=True)
+    if existing_group:
+        assert groups == [{}]
+        assert orm.load_group(label).is_empty
+    else:
+        assert groups == []
+
+    group = create_synthetic_database(12, seed=4, group_label=label)
+    assert len(list(iter_synthetic_embeddings(group))) == 12
