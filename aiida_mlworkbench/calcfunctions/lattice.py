@@ -25,6 +25,8 @@ import spglib
 from aiida import orm
 from aiida.engine import ExitCode, calcfunction
 
+from aiida_mlworkbench.data.impurity_clusters import HostCrystal
+
 __all__ = (
     'DEFAULT_SYMPREC',
     'EXIT_CODES',
@@ -33,8 +35,6 @@ __all__ = (
     'check_symprec',
     'classify_lattice',
     'host_lattice_type',
-    'host_lattice_types',
-    'label_host_lattices',
 )
 
 DEFAULT_SYMPREC: float = 1e-3
@@ -101,10 +101,11 @@ def check_symprec(symprec: t.Any) -> float:
     return float(symprec)
 
 
-def classify_lattice(structure: orm.StructureData, symprec: float = DEFAULT_SYMPREC) -> LatticeType:
+def classify_lattice(structure: orm.StructureData | HostCrystal, symprec: float = DEFAULT_SYMPREC) -> LatticeType:
     """Return the lattice type (bcc, fcc, hcp or other) of ``structure`` by the rule of this module.
 
-    :param structure: a crystal structure, stored or not.
+    :param structure: a crystal structure, stored or not, or the :class:`~aiida_mlworkbench.data.HostCrystal` an
+        ``ImpurityClusters`` node records (its sites are single atoms or empty spheres, told apart by atomic number).
     :param symprec: distance tolerance of the symmetry search in Angstrom.
     :raises ValueError: if the structure holds no atoms or spglib cannot analyse it.
     """
@@ -113,7 +114,15 @@ def classify_lattice(structure: orm.StructureData, symprec: float = DEFAULT_SYMP
     if not all(structure.pbc):
         return LatticeType('other', None, None, None, symprec)
 
-    cell = _spglib_cell(structure)
+    if isinstance(structure, orm.StructureData):
+        cell = _spglib_cell(structure)
+    else:
+        atoms = np.asarray(structure.numbers) > 0
+        if not atoms.any():
+            raise ValueError(f'host {structure.formula} holds no atoms (only empty spheres): it has no lattice type.')
+        lattice_vectors = np.asarray(structure.cell, dtype=float)
+        fractional = np.linalg.solve(lattice_vectors.T, np.asarray(structure.positions, dtype=float)[atoms].T).T
+        cell = (lattice_vectors.tolist(), fractional.tolist(), [int(z) for z in np.asarray(structure.numbers)[atoms]])
     dataset = spglib.get_symmetry_dataset(cell, symprec=symprec)
     if dataset is None:
         raise ValueError(
@@ -147,15 +156,6 @@ def host_lattice_type(structure: orm.StructureData, symprec: orm.Float = DEFAULT
     return outputs if isinstance(outputs, ExitCode) else outputs['structure']
 
 
-@calcfunction
-def host_lattice_types(symprec: orm.Float = DEFAULT_SYMPREC, **structures: orm.StructureData) -> dict[str, orm.Dict]:  # type: ignore[assignment]
-    """Record the lattice types of many host structures in one process, which is much faster than one per host.
-
-    Each output ``Dict`` (as from :func:`host_lattice_type`) has the link label of its input structure.
-    """
-    return _lattice_types(symprec.value, structures)
-
-
 def _lattice_types(symprec: float, structures: t.Mapping[str, t.Any]) -> dict[str, orm.Dict] | ExitCode:
     """The lattice type ``Dict`` of each structure, or the exit code that names the first problem."""
     try:
@@ -172,25 +172,3 @@ def _lattice_types(symprec: float, structures: t.Mapping[str, t.Any]) -> dict[st
         except ValueError as exception:
             return EXIT_CODES['unclassifiable_structure'].format(label=label, detail=str(exception))
     return outputs
-
-
-def label_host_lattices(
-    structures: t.Iterable[orm.StructureData], symprec: float = DEFAULT_SYMPREC
-) -> dict[str, orm.Dict]:
-    """Label each distinct host once, in one :func:`host_lattice_types` process, and return its ``Dict`` by host UUID.
-
-    Impurity embeddings share their hosts, so pass the hosts of all embeddings: duplicates are labelled once.
-    """
-    hosts: dict[str, orm.StructureData] = {}
-    for structure in structures:
-        hosts.setdefault(structure.uuid, structure)
-    if not hosts:
-        return {}
-
-    link_labels = {f'host_{index}': uuid for index, uuid in enumerate(hosts)}
-    outputs = host_lattice_types(
-        symprec=orm.Float(symprec),
-        **{label: hosts[uuid] for label, uuid in link_labels.items()},
-        metadata={'call_link_label': 'host_lattice_types'},
-    )
-    return {uuid: outputs[label] for label, uuid in link_labels.items()}

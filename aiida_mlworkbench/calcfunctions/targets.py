@@ -6,21 +6,26 @@ import typing as t
 
 import numpy as np
 from aiida import orm
-from aiida.engine import ExitCode
+from aiida.engine import ExitCode, calcfunction
 
-from aiida_mlworkbench.bulk_links import calcfunction
 from aiida_mlworkbench.calcfunctions.lattice import DEFAULT_SYMPREC, check_symprec, classify_lattice
 from aiida_mlworkbench.calcfunctions.learning_inputs import CalcfunctionInputError
+from aiida_mlworkbench.data import CorruptedClustersError, ImpurityClusters
 
 __all__ = ('EXIT_CODES', 'TargetValuesError', 'check_target_values', 'host_lattice_targets', 'targets_from_values')
 
 EXIT_CODES = {
-    'unknown_host': ExitCode(350, 'row {row} refers to host `{label}`, which is not among the host inputs'),
+    'no_hosts': ExitCode(
+        350,
+        '{clusters} records no host crystal for some rows: the host lattice target needs clusters extracted '
+        'from embeddings (extract_impurity_clusters), or give target values instead',
+    ),
     'empty_targets': ExitCode(351, 'no target values given: give one value per row'),
     'invalid_values': ExitCode(352, '{detail}'),
     'non_finite_values': ExitCode(353, '{detail}'),
     'invalid_symprec': ExitCode(354, 'symprec must be a positive finite distance in Angstrom (e.g. 1e-3), got {value}'),
     'unclassifiable_host': ExitCode(355, 'the lattice type of host `{label}` cannot be found: {detail}'),
+    'corrupted_clusters': ExitCode(356, 'the clusters cannot be read: {detail}'),
 }
 
 
@@ -62,51 +67,49 @@ def check_target_values(items: t.Sequence[t.Any]) -> tuple[np.ndarray, str]:
 
 
 @calcfunction
-def host_lattice_targets(
-    rows: orm.List, symprec: float = DEFAULT_SYMPREC, **hosts: orm.StructureData
-) -> dict[str, orm.ArrayData]:
+def host_lattice_targets(clusters: ImpurityClusters, symprec: orm.Float = DEFAULT_SYMPREC) -> dict[str, orm.ArrayData]:  # type: ignore[assignment]
     """The lattice type (``bcc``, ``fcc``, ``hcp`` or ``other``) of each row's host crystal, classified with spglib.
 
-    :param rows: for each row, the input label of its host structure (hosts are shared by many rows, so each distinct
-        host is an input once and is classified once).
+    Each distinct host recorded in ``clusters`` is classified once.
+
+    :param clusters: the impurity clusters, with the host crystals they were cut from.
     :param symprec: symmetry tolerance in Angstrom.
-    :param hosts: the distinct host structures.
     :returns: ``targets`` (array ``targets``: the lattice type per row) and ``groups`` (array ``groups``: the host's
         chemical formula per row, for splits that keep each host on one side).
     """
-    row_hosts = rows.get_list()
-    if not row_hosts:
-        return EXIT_CODES['empty_targets']
-    for row, label in enumerate(row_hosts):
-        if not isinstance(label, str) or label not in hosts:
-            return EXIT_CODES['unknown_host'].format(row=row, label=label)
     try:
         tolerance = check_symprec(symprec.value)
     except ValueError:
         return EXIT_CODES['invalid_symprec'].format(value=repr(symprec.value))
-    lattice = {}
-    for label, host in hosts.items():
-        if not isinstance(host, orm.StructureData):
-            detail = f'it is a {type(host).__name__}, not a StructureData'
-            return EXIT_CODES['unclassifiable_host'].format(label=label, detail=detail)
+    try:
+        host_of = clusters.host_of
+        hosts = [clusters.get_host(index) for index in range(len(clusters.hosts))]
+    except CorruptedClustersError as exception:
+        return EXIT_CODES['corrupted_clusters'].format(detail=str(exception))
+    if not hosts or np.any(host_of < 0):
+        return EXIT_CODES['no_hosts'].format(clusters=clusters)
+    lattice = []
+    for index, host in enumerate(hosts):
         try:
-            lattice[label] = classify_lattice(host, tolerance)
+            lattice.append(classify_lattice(host, tolerance))
         except ValueError as exception:
-            return EXIT_CODES['unclassifiable_host'].format(label=label, detail=str(exception))
-    formula = {label: host.get_formula(mode='hill_compact') for label, host in hosts.items()}
+            return EXIT_CODES['unclassifiable_host'].format(label=f'{index} ({host.formula})', detail=str(exception))
+    labels = np.array([result.lattice for result in lattice])[host_of]
 
     targets = orm.ArrayData()
-    targets.set_array('targets', np.array([lattice[label].lattice for label in row_hosts]))
+    targets.set_array('targets', labels)
     targets.base.attributes.set_many(
         {
             'target': 'host_lattice',
             'task': 'classification',
-            'classes': sorted({lattice[label].lattice for label in row_hosts}),
-            'spacegroups': {formula[label]: lattice[label].spacegroup_number for label in hosts},
+            'classes': sorted(set(labels.tolist())),
+            'spacegroups': {
+                host.formula: result.spacegroup_number for host, result in zip(hosts, lattice, strict=True)
+            },
         }
     )
     groups = orm.ArrayData()
-    groups.set_array('groups', np.array([formula[label] for label in row_hosts]))
+    groups.set_array('groups', clusters.host_formulas())
     groups.base.attributes.set('grouped_by', 'host formula')
     return {'targets': targets, 'groups': groups}
 

@@ -1,7 +1,7 @@
 """Work chain that learns a property of impurity clusters from aiida-kkr embeddings, every step in the provenance graph.
 
-embeddings (host StructureData + impurity_info Dict, as aiida-kkr stored them) or ready clusters
-  -> impurity_cluster_structures -> featurize -> targets -> split_rows -> train_model -> score_model
+embeddings (host StructureData + impurity_info Dict, as aiida-kkr stored them) or a ready ImpurityClusters
+  -> extract_impurity_clusters -> featurize -> targets -> split_rows -> train_model -> score_model
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ from aiida import orm
 from aiida.common import LinkType
 from aiida.engine import ExitCode, ProcessBuilder, WorkChain, if_
 
-from aiida_mlworkbench.bulk_links import BulkLinks
 from aiida_mlworkbench.calcfunctions.clusters import (
-    DEFAULT_BATCH_SIZE,
-    batch_inputs,
     check_embeddings,
-    hosts_of_clusters,
-    impurity_cluster_structures,
+    embedding_inputs,
+    embedding_key,
+    extract_impurity_clusters,
 )
-from aiida_mlworkbench.calcfunctions.featurize import featurization_jobs, featurize, row_label
+from aiida_mlworkbench.calcfunctions.featurize import featurization_jobs, featurize
 from aiida_mlworkbench.calcfunctions.score import score_model
 from aiida_mlworkbench.calcfunctions.split import (
     DEFAULT_SPLIT,
@@ -37,9 +35,9 @@ from aiida_mlworkbench.calcfunctions.targets import (
     targets_from_values,
 )
 from aiida_mlworkbench.calcfunctions.train import train_model
-from aiida_mlworkbench.checkpoints import CompactCheckpoints
-from aiida_mlworkbench.data import SparseFeatureMatrix, TrainedModel
+from aiida_mlworkbench.data import ImpurityClusters, SparseFeatureMatrix, TrainedModel
 from aiida_mlworkbench.descriptors import get_descriptor
+from aiida_mlworkbench.engine import ManyInputs
 from aiida_mlworkbench.estimators import validate_estimator_specification
 from aiida_mlworkbench.kkr.geometry import RcutUnit
 
@@ -52,11 +50,6 @@ DEFAULT_ESTIMATOR = {
     'parameters': {'kernel': 'linear'},
     'scaler': {'name': 'StandardScaler', 'parameters': {'with_mean': False}},
 }
-
-
-def embedding_key(index: int) -> str:
-    """Namespace key of embedding (or cluster) ``index``; keys sort in index order, which fixes the row order."""
-    return f'e{index:06d}'
 
 
 # Port validators: each names what is wrong and what to give instead, before anything is stored.
@@ -107,6 +100,7 @@ def validate_n_jobs(value: t.Any, _: t.Any) -> str | None:
 
 
 def validate_rcut_units(nodes: Mapping[str, orm.Str], _: t.Any) -> str | None:
+    """Each unit of Rcut must be one the geometry code knows."""
     units = [unit.value for unit in RcutUnit]
     wrong = sorted(key for key, node in nodes.items() if node.value not in units)
     if wrong:
@@ -124,19 +118,30 @@ def validate_inputs(inputs: Mapping[str, t.Any], _: t.Any) -> str | None:
     """
     embeddings = inputs.get('embeddings', {})
     hosts, infos = embeddings.get('hosts', {}), embeddings.get('impurity_infos', {})
-    clusters = inputs.get('clusters', {})
-    if bool(hosts or infos) == bool(clusters):
-        return 'give either `embeddings` (hosts and impurity_infos) or ready `clusters`, not both and not neither'
-    if set(hosts) != set(infos):
-        differing = sorted(set(hosts) ^ set(infos))[:5]
-        return f'embeddings.hosts and embeddings.impurity_infos must have the same keys; differing: {differing}'
+    clusters = inputs.get('clusters')
+    if bool(hosts or infos) == (clusters is not None):
+        return 'give either `embeddings` (hosts, impurity_infos, host_of) or ready `clusters`, not both and not neither'
+    host_of: dict[str, t.Any] = {}
+    if infos:
+        if 'host_of' not in embeddings:
+            return 'embeddings.host_of is missing: a Dict from each embedding key to its host key (embedding_inputs)'
+        host_of = embeddings['host_of'].get_dict()
+        if set(host_of) != set(infos):
+            differing = sorted(set(host_of) ^ set(infos))[:5]
+            return f'embeddings.host_of and embeddings.impurity_infos must have the same keys; differing: {differing}'
+        unknown = sorted({str(value) for value in host_of.values()} - set(hosts))
+        if unknown:
+            return f'embeddings.host_of names hosts that are not in embeddings.hosts: {unknown[:5]}'
+        unused = sorted(set(hosts) - set(host_of.values()))
+        if unused:
+            return f'embeddings.hosts {unused[:5]} are the host of no embedding: leave them out'
     rcut_units = embeddings.get('rcut_units', {})
-    if not set(rcut_units) <= set(hosts):
-        return f'embeddings.rcut_units has keys that are not embeddings: {sorted(set(rcut_units) - set(hosts))[:5]}'
+    if not set(rcut_units) <= set(infos):
+        return f'embeddings.rcut_units has keys that are not embeddings: {sorted(set(rcut_units) - set(infos))[:5]}'
     target = inputs['target'].value
     if target not in TARGETS:
         return f'unknown target `{target}`: choose one of {", ".join(TARGETS)}'
-    n_samples = len(hosts) or len(clusters)
+    n_samples = len(infos) if infos else len(clusters)
     labels = None
     if target == 'values':
         if 'target_values' not in inputs:
@@ -156,44 +161,43 @@ def validate_inputs(inputs: Mapping[str, t.Any], _: t.Any) -> str | None:
     except SplitSettingsError as exception:
         return f'split: {exception}'
 
-    if hosts:
-        keys = sorted(hosts)
+    if infos:
         units = {key: node.value for key, node in rcut_units.items()}
         try:
-            check_embeddings([(f'embedding {key}', hosts[key], infos[key], units.get(key)) for key in keys])
+            check_embeddings(
+                [(f'embedding {key}', hosts[host_of[key]], infos[key], units.get(key)) for key in sorted(infos)]
+            )
         except ValueError as exception:
             return f'{exception}. Fix or leave out this embedding.'
     return None
 
 
-class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
+class ImpurityLearningWorkChain(ManyInputs, WorkChain):
     """Learn a property of impurity clusters (by default the host lattice type) with every step recorded.
 
     Takes the impurity embeddings as aiida-kkr stored them (the host ``StructureData`` and ``impurity_info`` ``Dict``
-    nodes, see :meth:`get_builder_from_kkr`) or ready cluster structures, and runs cluster extraction,
-    featurization, targets, a train/test split, training and scoring, each as a calcfunction whose outputs are
-    exposed by the work chain.
-
-    Thousands of embeddings are thousands of input links: the work chain and its calcfunctions attach them with
-    :class:`~aiida_mlworkbench.bulk_links.BulkLinks`, in time linear in their number, and its checkpoints list them as
-    UUIDs (:class:`~aiida_mlworkbench.checkpoints.CompactCheckpoints`).
+    nodes, see :meth:`get_builder_from_kkr`) or a ready :class:`~aiida_mlworkbench.data.ImpurityClusters`, and runs
+    cluster extraction, featurization, targets, a train/test split, training and scoring, each as a calcfunction
+    whose outputs the work chain exposes. Given embeddings, it has one input per embedding and links them with
+    :class:`~aiida_mlworkbench.engine.ManyInputs`; given clusters, it has a handful of inputs.
     """
 
     @classmethod
     def define(cls, spec):
+        """Define the inputs (embeddings or clusters, and the learning settings), the outline and the outputs."""
         super().define(spec)
         spec.input_namespace(
             'embeddings',
             required=False,
-            help='The impurity embeddings as aiida-kkr stored them: one host and one impurity_info per key, the keys '
-            'sorting in row order (see `embedding_key`).',
+            help='The impurity embeddings as aiida-kkr stored them: one impurity_info per embedding key, each distinct '
+            'host once, and host_of naming the host of each embedding. The keys sort in row order.',
         )
         spec.input_namespace(
             'embeddings.hosts',
             valid_type=orm.StructureData,
             dynamic=True,
             required=False,
-            help='The host crystal of each embedding.',
+            help='The distinct host crystals of the embeddings, under host keys.',
         )
         spec.input_namespace(
             'embeddings.impurity_infos',
@@ -202,20 +206,25 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
             required=False,
             help='The impurity_info of each embedding, with Rcut (bounded by MAX_CLUSTER_ATOMS) or imp_cls.',
         )
+        spec.input(
+            'embeddings.host_of',
+            valid_type=orm.Dict,
+            required=False,
+            help='The host key of each embedding key.',
+        )
         spec.input_namespace(
             'embeddings.rcut_units',
             valid_type=orm.Str,
             dynamic=True,
             required=False,
             validator=validate_rcut_units,
-            help="The unit of Rcut where it is not Angstrom: 'alat' for aiida-kkr before mid 2019.",
+            help="The unit of Rcut of the embeddings where it is not Angstrom: 'alat' for aiida-kkr before mid 2019.",
         )
-        spec.input_namespace(
+        spec.input(
             'clusters',
-            valid_type=orm.StructureData,
-            dynamic=True,
+            valid_type=ImpurityClusters,
             required=False,
-            help='Ready impurity clusters instead of embeddings, the keys sorting in row order.',
+            help='Ready impurity clusters instead of embeddings, one row per sample.',
         )
         spec.input(
             'descriptor',
@@ -223,7 +232,7 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
             default=lambda: orm.Dict(DEFAULT_DESCRIPTOR),
             serializer=orm.to_aiida_type,
             validator=validate_descriptor,
-            help='The descriptor parameters with a registered `name`, for SOAP: species, r_cut, n_max, l_max, sigma, '
+            help='The descriptor parameters with a registered `name`; for SOAP: species, r_cut, n_max, l_max, sigma, '
             'rbf, average, weighting, periodic and dtype.',
         )
         spec.input(
@@ -280,21 +289,23 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
             cls.score,
         )
 
-        spec.output_namespace(
-            'clusters', valid_type=orm.StructureData, dynamic=True, required=False, help='The impurity clusters.'
+        spec.output(
+            'clusters',
+            valid_type=ImpurityClusters,
+            required=False,
+            help='The impurity clusters extracted from the embeddings.',
         )
-        spec.output('features', valid_type=SparseFeatureMatrix, help='Feature matrix, one row per cluster.')
-        spec.output('targets', valid_type=orm.ArrayData, help='Target per row (array `targets`).')
-        spec.output('groups', valid_type=orm.ArrayData, required=False, help='Host per row (array `groups`).')
-        spec.output('split', valid_type=orm.ArrayData, help='Train and test row indices (arrays `train`, `test`).')
+        spec.output('features', valid_type=SparseFeatureMatrix, help='The feature matrix, one row per cluster.')
+        spec.output('targets', valid_type=orm.ArrayData, help='The target of each row (array `targets`).')
+        spec.output('groups', valid_type=orm.ArrayData, required=False, help='The host of each row (array `groups`).')
+        spec.output('split', valid_type=orm.ArrayData, help='The train and test row indices (arrays `train`, `test`).')
         spec.output('model', valid_type=TrainedModel, help='The fitted estimator.')
-        spec.output('metrics', valid_type=orm.Dict, help='Test metrics (and the training score).')
-        spec.output('score', valid_type=orm.Float, help='Test accuracy (classification) or R2 (regression).')
+        spec.output('metrics', valid_type=orm.Dict, help='The test metrics, and the training score.')
+        spec.output('score', valid_type=orm.Float, help='The test accuracy (classification) or R2 (regression).')
 
         spec.exit_code(401, 'ERROR_CLUSTER_EXTRACTION', message='Cluster extraction failed: {message}')
         spec.exit_code(402, 'ERROR_FEATURIZATION', message='Featurization failed: {message}')
         spec.exit_code(403, 'ERROR_TARGETS', message='Making the targets failed: {message}')
-        spec.exit_code(404, 'ERROR_NO_HOST', message='The host of cluster `{key}` is unknown: {message}')
         spec.exit_code(405, 'ERROR_SPLIT', message='The train/test split failed: {message}')
         spec.exit_code(406, 'ERROR_TRAINING', message='Training failed: {message}')
         spec.exit_code(407, 'ERROR_SCORING', message='Scoring failed: {message}')
@@ -309,49 +320,34 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
         return exit_code.format(message=f'{name}<{process.pk}>: {process.exit_message}')
 
     def has_embeddings(self) -> bool:
-        return 'embeddings' in self.inputs and bool(self.inputs.embeddings.get('hosts'))
+        """Whether the clusters are to be extracted from embeddings (otherwise they are given ready)."""
+        return 'clusters' not in self.inputs
 
     def extract_clusters(self) -> ExitCode | None:
-        """Build the impurity clusters in batches, one process consuming each source pair."""
+        """Build all impurity clusters in one process that consumes every host and impurity_info."""
         embeddings = self.inputs.embeddings
-        keys = sorted(embeddings.hosts)
-        rcut_units = embeddings.get('rcut_units', {})
-        self.report(f'extracting {len(keys)} impurity clusters in batches of {DEFAULT_BATCH_SIZE}')
-        clusters: dict[str, orm.StructureData] = {}
-        for start in range(0, len(keys), DEFAULT_BATCH_SIZE):
-            batch = keys[start : start + DEFAULT_BATCH_SIZE]
-            inputs = batch_inputs(
-                batch,
-                [embeddings.hosts[key] for key in batch],
-                [embeddings.impurity_infos[key] for key in batch],
-                [rcut_units.get(key) for key in batch],
-            )
-            # Not inside an outer transaction: the calcfunction stores its outputs in one write transaction of its
-            # own, and an outer (deferred) one would hold SQLite's write lock for the whole batch (bulk_links).
-            outputs, process = impurity_cluster_structures.run_get_node(
-                **inputs, metadata={'call_link_label': 'impurity_clusters'}
-            )
-            if not process.is_finished_ok:
-                return self._failed(process, self.exit_codes.ERROR_CLUSTER_EXTRACTION)
-            clusters.update(outputs['clusters'])
-        self.out('clusters', clusters)
-        self.ctx.extracted = True  # a flag, not the keys: the context is written into every checkpoint
+        self.report(f'extracting {len(embeddings.impurity_infos)} impurity clusters')
+        inputs = {name: dict(value) if isinstance(value, Mapping) else value for name, value in embeddings.items()}
+        outputs, process = extract_impurity_clusters.run_get_node(
+            **inputs, metadata={'call_link_label': 'extract_clusters'}
+        )
+        if not process.is_finished_ok:
+            return self._failed(process, self.exit_codes.ERROR_CLUSTER_EXTRACTION)
+        self.out('clusters', outputs['clusters'])
         return None
 
-    def _clusters(self) -> tuple[list[str], Mapping[str, orm.StructureData]]:
-        if self.ctx.get('extracted'):
-            return sorted(self.inputs.embeddings.hosts), self.outputs['clusters']
-        return sorted(self.inputs.clusters), self.inputs.clusters
+    def _clusters(self) -> ImpurityClusters:
+        return self.inputs.clusters if 'clusters' in self.inputs else self.outputs['clusters']
 
     def featurize(self) -> ExitCode | None:
-        keys, clusters = self._clusters()
+        """Describe every cluster with the descriptor, in one process that stores one sparse matrix."""
+        clusters = self._clusters()
         descriptor = self.inputs.descriptor.get_dict()
-        self.report(f'featurizing {len(keys)} clusters with {descriptor.get("name")} on {self.inputs.n_jobs} job(s)')
+        jobs = self.inputs.n_jobs
+        self.report(f'featurizing {len(clusters)} clusters with {descriptor.get("name")} on {jobs} job(s)')
         with featurization_jobs(self.inputs.n_jobs):
             features, process = featurize.run_get_node(
-                descriptor=self.inputs.descriptor,
-                **{row_label(row): clusters[key] for row, key in enumerate(keys)},
-                metadata={'call_link_label': 'featurize'},
+                clusters=clusters, descriptor=self.inputs.descriptor, metadata={'call_link_label': 'featurize'}
             )
         if not process.is_finished_ok:
             return self._failed(process, self.exit_codes.ERROR_FEATURIZATION)
@@ -360,6 +356,7 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
         return None
 
     def make_targets(self) -> ExitCode | None:
+        """Make the target of each row: the given values, or the lattice type of each row's host."""
         if self.inputs.target.value == 'values':
             targets, process = targets_from_values.run_get_node(
                 self.inputs.target_values, metadata={'call_link_label': 'targets'}
@@ -369,39 +366,20 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
             self.out('targets', targets)
             return None
 
-        keys, clusters = self._clusters()
-        hosts: dict[str, orm.StructureData] = {}
-        label_of_host: dict[str, str] = {}
-        rows: list[str] = []
-        if self.ctx.get('extracted'):
-            # The embeddings name the hosts; clusters given ready-made name them through their creators' inputs.
-            known_hosts = [self.inputs.embeddings.hosts[key] for key in keys]
-        else:
-            known_hosts = hosts_of_clusters([clusters[key] for key in keys])
-        for key, host in zip(keys, known_hosts, strict=True):
-            if host is None:
-                return self.exit_codes.ERROR_NO_HOST.format(
-                    key=key,
-                    message='the host lattice target needs embeddings, or clusters made by '
-                    'impurity_cluster_structures (whose inputs record the host)',
-                )
-            label = label_of_host.setdefault(host.uuid, f'host_{len(label_of_host)}')
-            hosts[label] = host
-            rows.append(label)
         outputs, process = host_lattice_targets.run_get_node(
-            rows=orm.List(rows), **hosts, metadata={'call_link_label': 'targets'}
+            clusters=self._clusters(), metadata={'call_link_label': 'targets'}
         )
         if not process.is_finished_ok:
             return self._failed(process, self.exit_codes.ERROR_TARGETS)
-        counts = {
-            label: int((outputs['targets'].get_array('targets') == label).sum()) for label in ('bcc', 'fcc', 'hcp')
-        }
-        self.report(f'host lattice targets of {len(hosts)} distinct hosts: {counts}')
+        labels = outputs['targets'].get_array('targets')
+        counts = {label: int((labels == label).sum()) for label in outputs['targets'].base.attributes.get('classes')}
+        self.report(f'host lattice targets of {len(self._clusters().hosts)} distinct hosts: {counts}')
         self.out('targets', outputs['targets'])
         self.out('groups', outputs['groups'])
         return None
 
     def split_rows(self) -> ExitCode | None:
+        """Split the rows into a train and a test set (grouped by host if asked)."""
         settings = check_split_settings(self.inputs.split.get_dict())
         inputs: dict[str, t.Any] = {
             'targets': self.outputs['targets'],
@@ -410,8 +388,6 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
             'stratify': orm.Bool(settings['stratify']),
         }
         if settings['grouped']:
-            if 'groups' not in self.outputs:
-                return self.exit_codes.ERROR_SPLIT.format(message='a grouped split needs the host lattice target')
             inputs['groups'] = self.outputs['groups']
         split, process = split_rows.run_get_node(**inputs, metadata={'call_link_label': 'split'})
         if not process.is_finished_ok:
@@ -424,6 +400,7 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
         return None
 
     def train(self) -> ExitCode | None:
+        """Fit the estimator on the train rows."""
         self.report(f'training {self.inputs.estimator.get("estimator")}')
         model, process = train_model.run_get_node(
             features=self.outputs['features'],
@@ -438,6 +415,7 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
         return None
 
     def score(self) -> ExitCode | None:
+        """Score the model on the test rows."""
         outputs, process = score_model.run_get_node(
             model=self.outputs['model'],
             features=self.outputs['features'],
@@ -455,34 +433,24 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
     # -- builders --------------------------------------------------------------------------------------------------
 
     @classmethod
-    def get_builder_from_embeddings(
-        cls,
-        embeddings: Iterable[t.Any],
-        **inputs: t.Any,
-    ) -> ProcessBuilder:
+    def get_builder_from_embeddings(cls, embeddings: Iterable[t.Any], **inputs: t.Any) -> ProcessBuilder:
         """Return a builder for (host, impurity_info) pairs or :class:`~aiida_mlworkbench.kkr.ImpurityEmbedding`
-        objects, in the order given.
+        objects, one row each in the order given.
 
         :param inputs: further inputs (descriptor, target, split, estimator, ...) as nodes or plain values.
         """
-        from aiida_mlworkbench.kkr.geometry import RcutUnit
-
-        builder = cls.get_builder()
-        hosts, infos, units = {}, {}, {}
-        unit_nodes: dict[str, orm.Str] = {}
-        for index, embedding in enumerate(embeddings):
-            key = embedding_key(index)
+        hosts, infos, units = [], [], []
+        for embedding in embeddings:
             if isinstance(embedding, tuple):
-                hosts[key], infos[key] = embedding
-                continue
-            hosts[key], infos[key] = embedding.host, embedding.impurity_info
-            unit = RcutUnit(embedding.rcut_unit)
-            if unit is not RcutUnit.ANGSTROM:
-                units[key] = unit_nodes.setdefault(unit.value, orm.Str(unit.value))
-        builder.embeddings.hosts = hosts
-        builder.embeddings.impurity_infos = infos
-        if units:
-            builder.embeddings.rcut_units = units
+                host, info = embedding
+                unit = None
+            else:
+                host, info, unit = embedding.host, embedding.impurity_info, embedding.rcut_unit
+            hosts.append(host)
+            infos.append(info)
+            units.append(unit)
+        builder = cls.get_builder()
+        builder.embeddings = embedding_inputs([embedding_key(i) for i in range(len(infos))], hosts, infos, units)
         _set_inputs(builder, inputs)
         return builder
 
@@ -505,19 +473,15 @@ class ImpurityLearningWorkChain(BulkLinks, CompactCheckpoints, WorkChain):
         return cls.get_builder_from_embeddings(resolved, **inputs)
 
     @classmethod
-    def get_builder_from_clusters(cls, clusters: Iterable[orm.StructureData], **inputs: t.Any) -> ProcessBuilder:
-        """Return a builder for ready impurity-cluster structures, in the order given."""
+    def get_builder_from_clusters(cls, clusters: ImpurityClusters, **inputs: t.Any) -> ProcessBuilder:
+        """Return a builder for a ready ``ImpurityClusters`` node."""
         builder = cls.get_builder()
-        builder.clusters = {embedding_key(index): cluster for index, cluster in enumerate(clusters)}
+        builder.clusters = clusters
         _set_inputs(builder, inputs)
         return builder
 
 
 def _set_inputs(builder: ProcessBuilder, inputs: Mapping[str, t.Any]) -> None:
-    """Set the inputs on the builder: plain values become the nodes the ports expect (through their serializers)."""
-    ports = ImpurityLearningWorkChain.spec().inputs
+    """Set each input on the builder: its port's serializer turns a plain value into the node the port expects."""
     for name, value in inputs.items():
-        if name not in ports:
-            known = ', '.join(sorted(ports))
-            raise ValueError(f'unknown input `{name}` of ImpurityLearningWorkChain; its inputs are: {known}')
         builder[name] = value

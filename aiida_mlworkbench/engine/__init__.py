@@ -1,0 +1,184 @@
+"""The one place where aiida-mlworkbench touches aiida-core internals: linking processes with thousands of inputs.
+
+Everything else in the package uses aiida-core's public API. This module exists for two processes only: the cluster
+extraction (:func:`~aiida_mlworkbench.calcfunctions.clusters.extract_impurity_clusters`), which consumes the
+``impurity_info`` node of every embedding of a database, and the learning work chain when it is given those
+embeddings. aiida-core 2.9 validates each new input link against all links added before it (comparing nodes by value),
+which makes a process with N inputs cost O(N^2): minutes for the 1752 embeddings of the reference study.
+
+:class:`ManyInputs` replaces that one step, ``Process._setup_inputs``, for a process with at least
+:data:`MANY_INPUTS` inputs: it checks the rules of :func:`aiida.orm.utils.links.validate_link` that can fail for the
+input of a new process node (each in constant time: a new, unstored node has no links and no descendants, so label
+uniqueness is all that is left to check) and hands aiida-core the complete list of input links at once. The node, its
+links and its hash are then stored by aiida-core itself, as for any process.
+
+The module checks itself after every such store (:func:`check_stored_inputs`): the number of input links in the
+database equals the number of inputs, and the node's stored hash equals ``compute_hash()``. If aiida-core changed in a
+way this module does not know, that check raises :class:`EngineCheckError`, naming the aiida-core version and the
+switch: set the environment variable ``MLWORKBENCH_PLAIN_AIIDA=1`` (for daemon workers, in the environment of
+``verdi daemon start``) and every process runs on plain aiida-core, slowly but without this module. On an aiida-core
+version outside :data:`TESTED_AIIDA_CORE`, the module switches itself off and logs a warning once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import typing as t
+
+from aiida import __version__ as aiida_core_version
+from aiida import engine, orm
+from aiida.common.links import LinkType, validate_link_label
+from aiida.orm.utils.links import LinkTriple
+
+__all__ = (
+    'ENVIRONMENT_VARIABLE',
+    'MANY_INPUTS',
+    'TESTED_AIIDA_CORE',
+    'EngineCheckError',
+    'ManyInputs',
+    'acceleration_enabled',
+    'calcfunction_with_many_inputs',
+    'check_stored_inputs',
+)
+
+LOGGER = logging.getLogger(__name__)
+
+ENVIRONMENT_VARIABLE = 'MLWORKBENCH_PLAIN_AIIDA'
+"""Set to ``1`` (or ``true``, ``yes``) to run every process on plain aiida-core, without this module."""
+
+TESTED_AIIDA_CORE: tuple[tuple[int, int], ...] = ((2, 9),)
+"""The aiida-core minor versions this module is tested on; on any other it switches itself off."""
+
+MANY_INPUTS = 200
+"""A process with fewer input nodes than this is linked by aiida-core itself: its quadratic cost is negligible."""
+
+INPUT_LINK_TYPES = (LinkType.INPUT_CALC, LinkType.INPUT_WORK)
+
+F = t.TypeVar('F', bound=t.Callable[..., t.Any])
+
+_WARNED: set[str] = set()  # the untested aiida-core versions warned about
+
+
+class EngineCheckError(RuntimeError):
+    """A process stored by :class:`ManyInputs` is not what plain aiida-core would have stored."""
+
+
+def _aiida_core_minor() -> tuple[int, int]:
+    major, minor = aiida_core_version.split('.')[:2]
+    return int(major), int(''.join(char for char in minor if char.isdigit()) or 0)
+
+
+def acceleration_enabled() -> bool:
+    """Whether :class:`ManyInputs` links inputs itself: not switched off, and aiida-core is a tested version."""
+    if os.environ.get(ENVIRONMENT_VARIABLE, '').strip().lower() in ('1', 'true', 'yes', 'on'):
+        return False
+    if _aiida_core_minor() not in TESTED_AIIDA_CORE:
+        if aiida_core_version not in _WARNED:
+            LOGGER.warning(
+                'aiida-mlworkbench: aiida-core %s is not among the versions its engine module is tested on (%s); '
+                'processes with thousands of inputs run on plain aiida-core, which is slow.',
+                aiida_core_version,
+                ', '.join(f'{major}.{minor}' for major, minor in TESTED_AIIDA_CORE),
+            )
+            _WARNED.add(aiida_core_version)
+        return False
+    return True
+
+
+def _switch_off_hint() -> str:
+    return (
+        f'aiida-core {aiida_core_version} does not behave as aiida_mlworkbench.engine expects (tested on '
+        f'{", ".join(f"{a}.{b}" for a, b in TESTED_AIIDA_CORE)}). Set the environment variable '
+        f'{ENVIRONMENT_VARIABLE}=1 (for the daemon: `{ENVIRONMENT_VARIABLE}=1 verdi daemon restart`) to run on plain '
+        'aiida-core, and report this at the aiida-mlworkbench issue tracker.'
+    )
+
+
+def check_stored_inputs(node: orm.ProcessNode, n_inputs: int) -> None:
+    """Check that ``node`` was stored with ``n_inputs`` input links and with the hash aiida-core computes.
+
+    :raises EngineCheckError: naming what differs, the aiida-core version and how to switch the module off.
+    """
+    builder = orm.QueryBuilder(backend=node.backend)
+    builder.append(orm.ProcessNode, filters={'id': node.pk}, tag='process')
+    builder.append(
+        orm.Data, with_outgoing='process', edge_filters={'type': {'in': [t.value for t in INPUT_LINK_TYPES]}}
+    )
+    stored = builder.count()
+    if stored != n_inputs:
+        raise EngineCheckError(
+            f'{node} has {stored} input links stored, but it was given {n_inputs} inputs. {_switch_off_hint()}'
+        )
+    stored_hash = node.base.caching.get_hash()
+    computed = node.base.caching.compute_hash()
+    if stored_hash != computed:
+        raise EngineCheckError(
+            f'{node} was stored with the hash {stored_hash}, but its inputs and attributes hash to {computed}: '
+            f'caching would match it with the wrong processes. {_switch_off_hint()}'
+        )
+
+
+class ManyInputs:
+    """Process mixin: link thousands of inputs in linear time (see the module docstring); first in the bases.
+
+    Below :data:`MANY_INPUTS` inputs, or when :func:`acceleration_enabled` is false, the process is aiida-core's own.
+    """
+
+    node: orm.ProcessNode
+
+    def _setup_inputs(self) -> None:
+        """Link every input to the new process node, with the rules aiida-core applies to such links."""
+        node = self.node
+        inputs = [(label, source) for label, source in self._flat_inputs().items() if source is not None]  # type: ignore[attr-defined]
+        if len(inputs) < MANY_INPUTS or not acceleration_enabled():
+            self.__dict__.pop('_mlworkbench_inputs', None)
+            super()._setup_inputs()  # type: ignore[misc]
+            return
+        link_type = LinkType.INPUT_CALC if isinstance(node, orm.CalculationNode) else LinkType.INPUT_WORK
+        if node.is_stored or node.is_sealed:
+            raise ValueError(f'{node} is already stored: input links can only be added to a new process node.')
+        existing = list(node.base.links.incoming_cache)
+        labels = {triple.link_label for triple in existing}
+        triples = []
+        for label, source in inputs:
+            if not isinstance(source, orm.Data):
+                raise ValueError(f'cannot add a {link_type} link from {type(source)} to {type(node)}: inputs are Data')
+            if source.backend != node.backend:
+                raise ValueError(f'input `{label}` is stored in {source.backend}, the process in {node.backend}.')
+            try:
+                validate_link_label(label)
+            except ValueError as exception:
+                raise ValueError(f'invalid link label `{label}`: {exception}') from exception
+            if label in labels:
+                raise ValueError(f'node<{node.uuid}> already has an incoming {link_type} link with label "{label}"')
+            source.base.links.validate_outgoing(node, link_type, label)
+            labels.add(label)
+            triples.append(LinkTriple(source, link_type, label))
+        node.base.links.incoming_cache = existing + triples
+        earlier_inputs = sum(triple.link_type in INPUT_LINK_TYPES for triple in existing)
+        self.__dict__['_mlworkbench_inputs'] = earlier_inputs + len(triples)
+
+    def on_create(self) -> None:
+        """Create the process as aiida-core does, then check what :meth:`_setup_inputs` stored."""
+        super().on_create()  # type: ignore[misc]
+        n_inputs = self.__dict__.get('_mlworkbench_inputs')
+        if n_inputs is not None and self.node.is_stored:
+            check_stored_inputs(self.node, n_inputs)
+
+
+def calcfunction_with_many_inputs(function: F) -> F:
+    """:func:`aiida.engine.calcfunction` whose process links its inputs with :class:`ManyInputs`.
+
+    aiida-core builds the process class of a calcfunction itself and offers no way to give it a base class, so the
+    mixin is put in front of the generated class's bases; this is checked, and fails loudly if aiida-core changes.
+    """
+    decorated = engine.calcfunction(function)
+    process_class = decorated.process_class  # type: ignore[attr-defined]
+    process_class.__bases__ = (ManyInputs, *process_class.__bases__)
+    if process_class.__mro__[1] is not ManyInputs or not issubclass(process_class, engine.Process):
+        raise EngineCheckError(
+            f'the process class of calcfunction `{function.__name__}` cannot take the ManyInputs mixin. '
+            + _switch_off_hint()
+        )
+    return decorated  # type: ignore[no-any-return]
