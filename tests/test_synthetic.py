@@ -125,16 +125,30 @@ def test_plan_strains_only_when_needed():
     assert {embedding.strain for embedding in plan_synthetic_database(1752)} == {0.0}
     strains = collections.Counter(embedding.strain for embedding in plan_synthetic_database(7100))
     assert strains[0.0] == 3068
-    assert set(strains) == set(synthetic.HOST_STRAINS)
+    assert set(strains) == {0.0, -0.02, 0.02}
+    assert {embedding.strain for embedding in plan_synthetic_database(28400)} == set(synthetic.HOST_STRAINS)
+
+
+FIRST_1752 = [('Cu', 'Ho', 0.0), ('Zn', 'Sn', 0.0), ('Au', 'K', 0.0)]
+FIRST_7100 = [('Ru', 'K', -0.02), ('Os', 'Ce', 0.0), ('Sc', 'Cd', 0.0)]
+
+
+def test_plans_fitting_in_three_strains_are_unchanged():
+    """More strains were added for larger databases; every database whose classes fit in the first three is drawn as
+    before (the first embeddings of the seed-0 databases of 1752 and 7100, as drawn when there were three strains)."""
+    first = [(e.host, e.impurity, e.strain) for e in plan_synthetic_database(1752)[:3]]
+    assert first == FIRST_1752
+    first = [(e.host, e.impurity, e.strain) for e in plan_synthetic_database(7100)[:3]]
+    assert first == FIRST_7100
 
 
 def test_plan_size_errors():
     """Sizes out of range are refused with the allowed range."""
-    with pytest.raises(ValueError, match='between 1 and 9204'):
+    with pytest.raises(ValueError, match='between 1 and 30680'):
         plan_synthetic_database(0)
-    with pytest.raises(ValueError, match='between 1 and 9204'):
+    with pytest.raises(ValueError, match='between 1 and 30680'):
         plan_synthetic_database(max_database_size() + 1)
-    assert len(plan_synthetic_database(max_database_size())) == 9204
+    assert len(plan_synthetic_database(max_database_size())) == 30680
 
 
 @pytest.mark.parametrize(('symbol', 'lattice', 'neighbours'), [('Cu', 'fcc', 18), ('Fe', 'bcc', 14), ('Zn', 'hcp', 18)])

@@ -72,19 +72,18 @@ def _embedding_exit_code(exception: ValueError, key: str | None = None) -> ExitC
 
 
 class _Hosts:
-    """Unstored copies of the hosts, one per host node: a stored node reads its sites from the database each time,
-    and a host is shared by hundreds of embeddings."""
+    """Unstored copies of the hosts, one per host object: a stored node reads its sites from the database on every
+    access, and a host is shared by hundreds of embeddings. Keyed by object identity, so that no database access is
+    needed to find a copy."""
 
     def __init__(self) -> None:
-        self._copies: dict[str, orm.StructureData] = {}
+        self._copies: dict[int, tuple[orm.StructureData, orm.StructureData]] = {}
 
     def __call__(self, host: orm.StructureData) -> orm.StructureData:
-        if not host.is_stored:
-            return host
-        copy = self._copies.get(host.uuid)
-        if copy is None:
-            copy = self._copies[host.uuid] = host.clone()
-        return copy
+        entry = self._copies.get(id(host))
+        if entry is None:
+            entry = self._copies[id(host)] = (host, host.clone() if host.is_stored else host)
+        return entry[1]
 
 
 @calcfunction_with_many_inputs
@@ -106,17 +105,17 @@ def extract_impurity_clusters(**namespaces: t.Any) -> dict[str, ImpurityClusters
     keys = sorted(impurity_infos)
     host_keys = sorted(set(host_of.values()))
     host_index = {host_key: index for index, host_key in enumerate(host_keys)}
-    copies = _Hosts()
+    copies = {host_key: hosts[host_key].clone() for host_key in host_keys}
     crystals = []
     for host_key in host_keys:
         try:
-            crystals.append(HostCrystal.from_structure(hosts[host_key]))
+            crystals.append(HostCrystal.from_structure(copies[host_key], uuid=hosts[host_key].uuid))
         except ValueError as exception:
             return EXIT_CODES['invalid_embedding'].format(key=f's of host {host_key}', detail=str(exception))
     clusters: list[ase.Atoms] = []
     for key in keys:
         try:
-            host = copies(hosts[host_of[key]])
+            host = copies[host_of[key]]
             clusters.append(impurity_cluster(host, impurity_infos[key].get_dict(), _rcut_unit(rcut_units.get(key))))
         except ValueError as exception:
             return _embedding_exit_code(exception, key)
@@ -273,14 +272,16 @@ def build_impurity_clusters(
     :param embeddings: :class:`~aiida_mlworkbench.kkr.ImpurityEmbedding` objects or (host, ``impurity_info``) pairs
         (read with ``Rcut`` in Angstrom).
     :param kwargs: passed to the process, e.g. ``metadata``.
-    :raises ValueError: naming the embedding and the problem, before anything is stored, if one is invalid.
-    :raises RuntimeError: if the extraction fails anyway; the failed process stays in the graph.
+    :raises ValueError: naming the embedding and the problem, before anything is stored, if one is invalid as far as
+        :func:`check_embeddings` can tell without building its cluster.
+    :raises RuntimeError: if the extraction fails (a ``Rimp_rel`` or ``imp_cls`` that names no site of the cluster);
+        the failed process stays in the graph with its exit code.
     """
     triples = _as_triples(embeddings)
     if not triples:
         raise ValueError('no embeddings given: give at least one (host, impurity_info) pair')
     keys = [embedding_key(index) for index in range(len(triples))]
-    check_embeddings([(f'embedding {key}', *triple) for key, triple in zip(keys, triples, strict=True)], build=True)
+    check_embeddings([(f'embedding {key}', *triple) for key, triple in zip(keys, triples, strict=True)])
     inputs = embedding_inputs(keys, *zip(*triples, strict=True))
     outputs, process = extract_impurity_clusters.run_get_node(**inputs, **kwargs)
     if not process.is_finished_ok:

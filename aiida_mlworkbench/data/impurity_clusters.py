@@ -135,8 +135,10 @@ class HostCrystal:
         object.__setattr__(self, 'numbers', _read_only(numbers.astype(int)))
 
     @classmethod
-    def from_structure(cls, structure: orm.StructureData) -> HostCrystal:
+    def from_structure(cls, structure: orm.StructureData, *, uuid: str | None = None) -> HostCrystal:
         """The host as juKKR sees it: atomic numbers from the site kinds, 0 for empty spheres.
+
+        ``uuid`` is recorded instead of the structure's own, for an unstored copy of a stored host.
 
         :raises ValueError: if a site is an alloy or partly vacant (CPA/VCA), which no cluster can be cut from.
         """
@@ -145,7 +147,7 @@ class HostCrystal:
         if not isinstance(structure, orm.StructureData):
             raise TypeError(f'a host crystal is built from a StructureData, got {type(structure).__name__}.')
         return cls(
-            uuid=structure.uuid,
+            uuid=structure.uuid if uuid is None else uuid,
             formula=structure.get_formula(mode='hill_compact'),
             cell=np.array(structure.cell, dtype=float),
             pbc=tuple(bool(flag) for flag in structure.pbc),
