@@ -463,7 +463,7 @@ FORGERIES = [
     ),
     Forgery('missing dataset', r'the file holds .* expected exactly', edit=lambda arrays: arrays.pop('impurity')),
     Forgery('external dataset', r"'numbers' is an external dataset", dataset=external),
-    Forgery('gzip filter', r"'numbers' goes through HDF5 filters", dataset=gzip),
+    Forgery('gzip filter', r"'numbers' goes through the HDF5 filters", dataset=gzip),
     Forgery('chunked layout', r"'positions' has the HDF5 storage layout", dataset=chunked, target='positions'),
     Forgery(
         'never written',

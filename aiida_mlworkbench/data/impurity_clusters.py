@@ -25,6 +25,8 @@ import numpy as np
 from aiida import orm
 from ase.data import chemical_symbols
 
+from aiida_mlworkbench.data.hdf5_checks import dataset_problem, root_problem
+
 __all__ = ('CorruptedClustersError', 'HostCrystal', 'ImpurityClusters')
 
 FORMAT_VERSION = 1
@@ -440,38 +442,19 @@ def _layout_problem(handle: h5py.File, n_clusters: int, n_atoms: int, n_hosts: i
     dataset a hard link to contiguous values stored in this file (no external or virtual dataset, no link to another
     file, no filter), whose bytes all lie within the file: a forged dataset can make no read larger than the file.
     """
-    names = sorted(handle.keys())
-    if names != sorted(FILE_DATASETS):
-        return f'the file holds {names}, expected exactly the datasets {sorted(FILE_DATASETS)}'
-    attributes = sorted(handle.attrs.keys())
-    if attributes != sorted(FILE_ATTRIBUTES):
-        return f'the file has the attributes {attributes}, expected exactly {list(FILE_ATTRIBUTES)}'
-    version = np.asarray(handle.attrs['format_version'])
-    if version.shape != () or version.dtype.kind not in 'iu' or int(version) != FORMAT_VERSION:
-        return f'unknown file format version {version!r} (this package reads version {FORMAT_VERSION})'
+    problem = root_problem(handle, FILE_DATASETS, FILE_ATTRIBUTES, FORMAT_VERSION)
+    if problem:
+        return problem
     host_numbers = handle.get('host_numbers', getclass=True)
     if host_numbers is not h5py.Dataset or len(handle['host_numbers'].shape) != 1:
         return "'host_numbers' is not a one-dimensional dataset"
     shapes = _expected_shapes(n_clusters, n_atoms, n_hosts, handle['host_numbers'].shape[0])
     file_size = handle.id.get_filesize()
     for name, dtype in FILE_DATASETS.items():
-        link = handle.get(name, getlink=True)
-        if not isinstance(link, h5py.HardLink):
-            return f'{name!r} is an HDF5 {type(link).__name__}, not a dataset stored in this file'
+        problem = dataset_problem(handle, name, layouts=(h5py.h5d.CONTIGUOUS,), filters=())
+        if problem:
+            return problem
         dataset = handle[name]
-        if not isinstance(dataset, h5py.Dataset):
-            return f'{name!r} is a {type(dataset).__name__}, not a dataset'
-        if dataset.is_virtual:
-            return f'{name!r} is a virtual dataset: its values would be read from other files'
-        plist = dataset.id.get_create_plist()
-        if plist.get_external_count():
-            return f'{name!r} is an external dataset: its values would be read from a local file outside the node'
-        if plist.get_nfilters():
-            return (
-                f'{name!r} goes through HDF5 filters: the writer uses none, compression and filter plugins are refused'
-            )
-        if plist.get_layout() != h5py.h5d.CONTIGUOUS:
-            return f'{name!r} has the HDF5 storage layout {plist.get_layout()}, not the contiguous one the writer uses'
         if dataset.dtype != dtype:
             return f'{name!r} has dtype {dataset.dtype}, expected {dtype}'
         if dataset.shape != shapes[name]:

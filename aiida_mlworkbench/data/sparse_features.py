@@ -22,6 +22,8 @@ import numpy as np
 import scipy.sparse
 from aiida.orm import Data
 
+from aiida_mlworkbench.data.hdf5_checks import dataset_problem, root_problem
+
 __all__ = ('CorruptedFeatureMatrixError', 'SparseFeatureMatrix', 'plan_row_blocks')
 
 SUPPORTED_DTYPES = ('float32', 'float64')
@@ -197,15 +199,9 @@ def _layout_problem(handle: h5py.File, layout: _Layout) -> str | None:
     Exactly the writer's datasets and attributes, with its dtypes and lengths, every dataset a hard link to values
     stored in this file (no external or virtual dataset, no link to another file) and no filter but fletcher32.
     """
-    names = sorted(handle.keys())
-    if names != sorted(FILE_DATASETS):
-        return f'the file holds {names}, expected exactly the datasets {list(FILE_DATASETS)}'
-    attributes = sorted(handle.attrs.keys())
-    if attributes != sorted(FILE_ATTRIBUTES):
-        return f'the file has the attributes {attributes}, expected exactly {list(FILE_ATTRIBUTES)}'
-    version = np.asarray(handle.attrs['format_version'])
-    if version.shape != () or version.dtype.kind not in 'iu' or int(version) != FORMAT_VERSION:
-        return f'unknown file format version {version!r} (this package reads version {FORMAT_VERSION})'
+    problem = root_problem(handle, FILE_DATASETS, FILE_ATTRIBUTES, FORMAT_VERSION)
+    if problem:
+        return problem
     file_shape = np.asarray(handle.attrs['shape'])
     if file_shape.dtype.kind not in 'iu' or [int(x) for x in file_shape.ravel()] != [layout.n_rows, layout.n_features]:
         return f'the file says shape {file_shape.tolist()}, the attributes {[layout.n_rows, layout.n_features]}'
@@ -215,25 +211,10 @@ def _layout_problem(handle: h5py.File, layout: _Layout) -> str | None:
         'indptr': ((INDPTR_DTYPE,), layout.n_rows + 1),
     }
     for name, (dtypes, length) in expected.items():
-        link = handle.get(name, getlink=True)
-        if not isinstance(link, h5py.HardLink):
-            return f'{name!r} is an HDF5 {type(link).__name__}, not a dataset stored in this file'
+        problem = dataset_problem(handle, name, ALLOWED_LAYOUTS, ALLOWED_FILTERS)
+        if problem:
+            return problem
         dataset = handle[name]
-        if not isinstance(dataset, h5py.Dataset):
-            return f'{name!r} is a {type(dataset).__name__}, not a dataset'
-        if dataset.is_virtual:
-            return f'{name!r} is a virtual dataset: its values would be read from other files'
-        plist = dataset.id.get_create_plist()
-        if plist.get_external_count():
-            return f'{name!r} is an external dataset: its values would be read from a local file outside the node'
-        if plist.get_layout() not in ALLOWED_LAYOUTS:
-            return f'{name!r} has the HDF5 storage layout {plist.get_layout()}, which the writer never uses'
-        filters = [plist.get_filter(number)[0] for number in range(plist.get_nfilters())]
-        if not set(filters) <= ALLOWED_FILTERS:
-            return (
-                f'{name!r} goes through the HDF5 filters {filters}: only fletcher32 checksums (filter 3) are '
-                'written, compression and filter plugins are refused'
-            )
         if dataset.dtype not in dtypes:
             return f'{name!r} has dtype {dataset.dtype}, expected {" or ".join(str(dtype) for dtype in dtypes)}'
         if dataset.shape != (length,):
