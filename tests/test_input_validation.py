@@ -1,8 +1,8 @@
 """Every bad input is refused before any work starts, with a message that names the input and says what to do.
 
 Work chain (given embeddings or ready clusters) and ``build_impurity_clusters``: a bad input raises at submission (or
-when set on the builder) and leaves the database as it was. Calcfunctions called directly with a bad node: the failed process has the exit code whose name is the problem, and no
-output.
+when set on the builder) and leaves the database as it was. Calcfunctions called directly with a bad node: the failed
+process has the exit code whose name is the problem, and no output.
 """
 
 from __future__ import annotations
