@@ -152,6 +152,11 @@ def validate_inputs(inputs: Mapping[str, t.Any], _: t.Any) -> str | None:
         labels = values
     elif 'target_values' in inputs:
         return f'target_values is given but the target is `{target}`: set target to `values` to use them'
+    if target == 'host_lattice' and clusters is not None and not clusters.hosts:
+        return (
+            f'{clusters} records no host crystals, which the target `host_lattice` needs: give clusters extracted '
+            'from embeddings, or target values'
+        )
 
     try:
         settings = check_split_settings(inputs['split'].get_dict())
@@ -482,6 +487,13 @@ class ImpurityLearningWorkChain(ManyInputs, WorkChain):
 
 
 def _set_inputs(builder: ProcessBuilder, inputs: Mapping[str, t.Any]) -> None:
-    """Set each input on the builder: its port's serializer turns a plain value into the node the port expects."""
+    """Set each input on the builder: its port's serializer turns a plain value into the node the port expects.
+
+    :raises ValueError: naming an unknown input and the known ones.
+    """
+    ports = ImpurityLearningWorkChain.spec().inputs
     for name, value in inputs.items():
+        if name not in ports:
+            known = ', '.join(sorted(ports))
+            raise ValueError(f'unknown input `{name}` of ImpurityLearningWorkChain; its inputs are: {known}')
         builder[name] = value
