@@ -131,15 +131,7 @@ def test_classify_lattice_binary_with_same_geometry():
     'empty_sphere',
     [
         'X',
-        pytest.param(
-            'HX',
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason='package bug (reported): classify_lattice(StructureData) counts aiida-kkr vacuum kinds '
-                '({H0.00X1.00}) as a second species, while HostCrystal and the cluster geometry treat them as empty '
-                'spheres',
-            ),
-        ),
+        'HX',
     ],
 )
 def test_classify_lattice_empty_spheres(empty_sphere):
@@ -184,11 +176,6 @@ def test_classify_lattice_errors():
             lambda: _cu_with_empty_spheres('HX'),
             DEFAULT_SYMPREC,
             id='Cu-empty-spheres-aiida-kkr-HX',
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason='package bug (reported): classify_lattice(StructureData) counts aiida-kkr vacuum kinds '
-                '({H0.00X1.00}) as atoms, HostCrystal does not',
-            ),
         ),
         pytest.param(_not_periodic_cu, DEFAULT_SYMPREC, id='Cu-not-periodic'),
     ],

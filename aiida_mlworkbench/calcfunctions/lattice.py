@@ -10,9 +10,9 @@ The rule, applied to the space group that spglib finds within ``symprec``:
 
 Counting atoms in the *primitive* cell, not in the cell given, makes conventional cells (4-atom fcc, 2-atom bcc) and
 supercells come out the same as primitive ones. Species are told apart by chemistry (symbols and weights of a kind),
-not by kind name, so a magnetic host with kinds ``Fe1``/``Fe2`` is still bcc. Empty spheres (kind symbol ``X``), which
-KKR hosts use to fill space, are not atoms and are left out. A structure that is not periodic in all three directions
-has no space group and is ``other``.
+not by kind name, so a magnetic host with kinds ``Fe1``/``Fe2`` is still bcc. Empty spheres (kind symbol ``X``, or a
+vacancy kind like aiida-kkr's ``{H0.00X1.00}``), which KKR hosts use to fill space, are not atoms and are left out.
+A structure that is not periodic in all three directions has no space group and is ``other``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from aiida import orm
 from aiida.engine import ExitCode, calcfunction
 
 from aiida_mlworkbench.data.impurity_clusters import HostCrystal
+from aiida_mlworkbench.kkr.geometry import is_empty_sphere
 
 __all__ = (
     'DEFAULT_SYMPREC',
@@ -52,7 +53,6 @@ EXIT_CODES = {
 LatticeLabel = t.Literal['bcc', 'fcc', 'hcp', 'other']
 LATTICE_LABELS: tuple[LatticeLabel, ...] = ('bcc', 'fcc', 'hcp', 'other')
 
-_EMPTY_SPHERE_SYMBOL = 'X'
 _SPACEGROUP_BCC = 229
 _SPACEGROUP_FCC = 225
 _SPACEGROUP_HCP = 194
@@ -80,7 +80,7 @@ def _spglib_cell(structure: orm.StructureData) -> tuple[list, list, list[int]]:
     types = []
     for site in structure.sites:
         kind = structure.get_kind(site.kind_name)
-        if kind.symbols == (_EMPTY_SPHERE_SYMBOL,):
+        if is_empty_sphere(kind):
             continue
         chemistry = (kind.symbols, tuple(round(weight, 6) for weight in kind.weights))
         types.append(species.setdefault(chemistry, len(species) + 1))

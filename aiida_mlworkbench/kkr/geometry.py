@@ -243,6 +243,12 @@ def host_alat(host: orm.StructureData) -> float:
     return float(get_alat_from_bravais(np.array(host.cell), host.pbc[2]))
 
 
+def is_empty_sphere(kind: orm.Kind) -> bool:
+    """Whether juKKR sees sites of ``kind`` as vacuum (``ZATOM = 0``): the symbol ``X``, or a kind with (almost) only
+    vacancies, like aiida-kkr's ``{H0.00X1.00}`` kind ``HX``."""
+    return kind.symbols == ('X',) or (kind.has_vacancies and float(sum(kind.weights)) < _OCCUPATION_TOLERANCE)
+
+
 def host_site_atomic_numbers(host: orm.StructureData) -> np.ndarray:
     """Return the atomic number juKKR gives each host site, 0 for an empty sphere (vacuum), as aiida-kkr does.
 
@@ -252,8 +258,7 @@ def host_site_atomic_numbers(host: orm.StructureData) -> np.ndarray:
     kinds = {kind.name: kind for kind in host.kinds}
     for index, site in enumerate(host.sites):
         kind = kinds[site.kind_name]
-        occupation = float(sum(kind.weights))
-        if kind.symbols == ('X',) or (kind.has_vacancies and occupation < _OCCUPATION_TOLERANCE):
+        if is_empty_sphere(kind):
             numbers[index] = 0
         elif kind.is_alloy or kind.has_vacancies:
             raise ValueError(
