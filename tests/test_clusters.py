@@ -601,3 +601,11 @@ def test_build_impurity_clusters_refuses_what_is_no_embedding(embeddings, error,
     with pytest.raises(error, match=message):
         build_impurity_clusters(embeddings())
     assert _node_count() == n_nodes
+
+
+@pytest.mark.parametrize('key', ['zinc in Fe', 'e-1', ''])
+def test_embedding_keys_must_name_links(key):
+    """A key that cannot be part of a link label is refused by name before any process exists."""
+    host = orm.StructureData(ase=bulk('Cu'))
+    with pytest.raises(ValueError, match='cannot name an input link'):
+        embedding_inputs([key], [host], [orm.Dict({'ilayer_center': 0, 'Rcut': 3.0, 'Zimp': [26]})])

@@ -16,6 +16,7 @@ import typing as t
 
 import ase
 from aiida import orm
+from aiida.common.links import validate_link_label
 from aiida.engine import ExitCode, calcfunction
 
 from aiida_mlworkbench.data.impurity_clusters import HostCrystal, ImpurityClusters
@@ -240,7 +241,17 @@ def embedding_inputs(
 
     Hosts are shared by many embeddings; linking each once, with ``host_of`` naming the host of each embedding, keeps
     the inputs to one per embedding. One ``Str`` node per ``Rcut`` unit other than Angstrom is shared by its embeddings.
+
+    :raises ValueError: if a key cannot be part of a link label (letters, digits and underscores only).
     """
+    for key in keys:
+        try:
+            validate_link_label(f'impurity_infos__{key}')
+        except (TypeError, ValueError):
+            raise ValueError(
+                f'the embedding key {key!r} cannot name an input link: use letters, digits and underscores, e.g. '
+                'embedding_key(index)'
+            ) from None
     host_key: dict[str, str] = {}
     host_nodes: dict[str, orm.StructureData] = {}
     host_of: dict[str, str] = {}
