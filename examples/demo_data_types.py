@@ -1,4 +1,4 @@
-"""Store a SOAP feature matrix and a trained model as AiiDA nodes, then find them again with QueryBuilder.
+"""Store impurity clusters, a SOAP feature matrix and a trained model as AiiDA nodes, then find them with QueryBuilder.
 
 Run with ``verdi run examples/demo_data_types.py`` (or ``python3 dev.py demo`` on an isolated profile).
 """
@@ -13,14 +13,14 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from aiida_mlworkbench.data import SparseFeatureMatrix, TrainedModel
+from aiida_mlworkbench.data import ImpurityClusters, SparseFeatureMatrix, TrainedModel
 
 HOSTS = {'Cu': 'fcc', 'Ag': 'fcc', 'Fe': 'bcc', 'W': 'bcc', 'Ti': 'hcp', 'Mg': 'hcp'}
 IMPURITIES = ['Mn', 'Co', 'Ni', 'Zn', 'Cr', 'V', 'Pd', 'Pt']
 
 
 def impurity_cluster(host: str, impurity: str, radius: float):
-    """A non-periodic cluster cut from the host crystal, the impurity at the origin."""
+    """A non-periodic cluster cut from the host crystal, the impurity at the origin (tag 1, host atoms tag 0)."""
     crystal = bulk(host).repeat(5)
     centre = crystal.positions[len(crystal) // 2].copy()
     distances = np.linalg.norm(crystal.positions - centre, axis=1)
@@ -28,18 +28,25 @@ def impurity_cluster(host: str, impurity: str, radius: float):
     cluster.positions -= centre
     cluster.pbc = False
     cluster.cell = None
-    cluster[int(np.argmin(np.linalg.norm(cluster.positions, axis=1)))].symbol = impurity
+    tags = np.zeros(len(cluster), dtype=int)
+    centre_atom = int(np.argmin(np.linalg.norm(cluster.positions, axis=1)))
+    cluster[centre_atom].symbol = impurity
+    tags[centre_atom] = 1
+    cluster.set_tags(tags)
     return cluster
 
 
 def main() -> None:
-    clusters, labels = [], []
+    atoms_list, keys, labels = [], [], []
     for host, lattice in HOSTS.items():
         radius = 4.5  # Angstrom: about two neighbour shells in these hosts
         for impurity in IMPURITIES:
-            clusters.append(impurity_cluster(host, impurity, radius))
+            atoms_list.append(impurity_cluster(host, impurity, radius))
+            keys.append(f'{impurity} in {host}')
             labels.append(lattice)
-    species = sorted({symbol for cluster in clusters for symbol in cluster.get_chemical_symbols()})
+    clusters = ImpurityClusters(atoms_list, keys=keys).store()  # all clusters in one node, one row each
+    print(f'stored {clusters}')
+    species = clusters.species
     parameters = {'name': 'soap', 'species': species, 'r_cut': 5.0, 'n_max': 4, 'l_max': 4, 'average': 'inner'}
     soap = SOAP(
         species=species,
@@ -49,7 +56,7 @@ def main() -> None:
         average='inner',
         sparse=True,
     )
-    features = SparseFeatureMatrix(soap.create(clusters), descriptor=parameters).store()
+    features = SparseFeatureMatrix(soap.create(clusters.get_atoms_list()), descriptor=parameters).store()
     print(f'stored {features}, density {features.density:.4f}')
 
     matrix = features.get_matrix()
@@ -57,6 +64,14 @@ def main() -> None:
     model = TrainedModel(estimator, descriptor=features.descriptor).store()
     print(f'stored {model}, classes {model.classes}')
 
+    query = orm.QueryBuilder().append(
+        ImpurityClusters,
+        filters={'attributes.impurity_species': {'contains': ['Mn']}, 'attributes.n_atoms_max': {'>=': 40}},
+        project=['id', 'attributes.n_clusters'],
+    )
+    print(f'cluster sets with Mn impurities and a cluster of 40 atoms or more: {query.all()}')
+    row = clusters.keys.index('Mn in Fe')
+    print(f'row {row} is {clusters.keys[row]}: {clusters.get_ase(row).get_chemical_formula()}')
     query = orm.QueryBuilder().append(
         SparseFeatureMatrix,
         filters={'attributes.descriptor.name': 'soap', 'attributes.n_features': {'>': 100}},

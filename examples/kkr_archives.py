@@ -7,9 +7,11 @@ kkr_STM_wc, in fcc Cu and in Bi2Te3. This script
 
 1. imports them into a group (nodes already in the profile are not duplicated);
 2. resolves the impurity embeddings, (host, impurity_info) pairs, from the provenance graph alone;
-3. runs the ImpurityLearningWorkChain on them: clusters as juKKR cut them, SOAP features, host lattice targets,
-   a split, a linear SVM and its score (a handful of embeddings: the point is the graph, not the accuracy);
-4. walks the graph back from the trained model to the aiida-kkr calculations whose impurities it learned from.
+3. runs the ImpurityLearningWorkChain on them: the clusters as juKKR cut them (one ImpurityClusters node, one row per
+   embedding), SOAP features, host lattice targets, a split, a linear SVM and its score (a handful of embeddings: the
+   point is the graph, not the accuracy);
+4. walks the graph back from the trained model, through the features, the clusters and the extraction's input links
+   ``impurity_infos__<key>``, to the aiida-kkr calculations whose impurities it learned from, row by row.
 
 Run with ``verdi run examples/kkr_archives.py [--archives FOLDER]``.
 """
@@ -23,7 +25,7 @@ import pathlib
 from aiida import orm
 from aiida.engine import run_get_node
 
-from aiida_mlworkbench.data import TrainedModel
+from aiida_mlworkbench.data import ImpurityClusters, SparseFeatureMatrix, TrainedModel
 from aiida_mlworkbench.kkr import import_archives, resolve_impurity_embeddings
 from aiida_mlworkbench.workflows import ImpurityLearningWorkChain
 
@@ -64,11 +66,17 @@ def main() -> None:
 
     query = orm.QueryBuilder()
     query.append(TrainedModel, filters={'id': run.outputs.model.pk}, tag='model')
-    query.append(orm.WorkChainNode, with_outgoing='model', tag='run')
+    query.append(orm.CalcFunctionNode, with_outgoing='model', tag='train')
+    query.append(SparseFeatureMatrix, with_outgoing='train', tag='features')
+    query.append(orm.CalcFunctionNode, with_outgoing='features', tag='featurize')
+    query.append(ImpurityClusters, with_outgoing='featurize', tag='clusters', project='attributes.keys')
+    query.append(orm.CalcFunctionNode, with_outgoing='clusters', tag='extraction')
     query.append(
         orm.Dict,
-        with_outgoing='run',
-        edge_filters={'label': {'like': 'embeddings__impurity_infos__%'}},
+        with_outgoing='extraction',
+        edge_filters={'label': {'like': 'impurity_infos__%'}},
+        edge_project='label',
+        edge_tag='link',
         tag='impurity_info',
     )
     query.append(
@@ -76,11 +84,18 @@ def main() -> None:
         with_incoming='impurity_info',
         filters={'process_type': {'like': 'aiida%kkr%'}},
         project=['id', 'attributes.process_label'],
+        tag='kkr',
     )
-    found = sorted({(pk, label) for pk, label in query.all()})
-    print(f'the model learned from impurities of {len(found)} aiida-kkr processes:')
-    for label, count in collections.Counter(label for _, label in found).most_common():
+    rows: dict[tuple[int, str], set[int]] = collections.defaultdict(set)  # (pk, process label) -> rows
+    for result in query.iterdict():
+        key = result['link']['label'].removeprefix('impurity_infos__')
+        kkr = result['kkr']
+        rows[kkr['id'], kkr['attributes.process_label']].add(result['clusters']['attributes.keys'].index(key))
+    print(f'the model learned from impurities of {len(rows)} aiida-kkr processes:')
+    for label, count in collections.Counter(label for _, label in rows).most_common():
         print(f'  {count:3d} x {label}')
+    pk, label = min(rows)
+    print(f'for example {label}<{pk}>: rows {sorted(rows[pk, label])} of the feature matrix')
     print(f'inspect it with: verdi process show {run.pk}   |   verdi node graph generate {run.pk}')
 
 
