@@ -119,3 +119,75 @@ def run_child(command: list[str]) -> tuple[dict[str, t.Any], int, float]:
     if process.returncode != 0:
         raise RuntimeError(f'{" ".join(command)} failed with exit code {process.returncode}:\n{output}{errors}')
     return json.loads(output.strip().splitlines()[-1]), usage.ru_maxrss * 1024, wall
+
+
+def run_workchain(builder: t.Any) -> tuple[dict[str, t.Any], t.Any, float, float]:
+    """Run the process of ``builder``; return its outputs, node and seconds, and the wall clock (epoch) at its start.
+
+    :raises RuntimeError: naming the process and its exit status, if it did not finish OK.
+    """
+    from aiida.engine import run_get_node
+
+    epoch = time.time()
+    start = time.perf_counter()
+    results, node = run_get_node(builder)
+    seconds = time.perf_counter() - start
+    if not node.is_finished_ok:
+        raise RuntimeError(f'{node.process_label}<{node.pk}> failed: {node.exit_status} {node.exit_message}')
+    return results, node, seconds, epoch
+
+
+def workchain_steps(node: t.Any, epoch: float, seconds: float) -> dict[str, float]:
+    """Where the ``seconds`` of a work chain started at ``epoch`` went, from the times its nodes record.
+
+    ``launch``: from the start until its first step began (validating its inputs, storing its node with its input
+    links); then each child process by call link label, from its node's creation to its last change (storing its
+    inputs, the work, storing its outputs); ``rest``: the remainder (checkpoints, the work chain's own outputs).
+    """
+    from aiida.common.links import LinkType
+
+    links = node.base.links.get_outgoing(link_type=(LinkType.CALL_CALC, LinkType.CALL_WORK)).all()
+    links.sort(key=lambda link: link.node.ctime)
+    steps = {}
+    if links:
+        steps['launch'] = links[0].node.ctime.timestamp() - epoch
+    for link in links:
+        steps[link.link_label] = (link.node.mtime - link.node.ctime).total_seconds()
+    steps['rest'] = seconds - sum(steps.values())
+    return steps
+
+
+class TreeRss:
+    """Sample the summed resident memory of this process and its descendants (e.g. featurization workers) every
+    ``interval`` seconds in a thread while the context is open; :attr:`peak` is the largest sum, in bytes."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import contextlib
+
+        import psutil
+
+        process = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            with contextlib.suppress(psutil.Error):
+                for member in [process, *process.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        total += member.memory_info().rss
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()

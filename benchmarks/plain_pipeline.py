@@ -18,11 +18,12 @@ impurity cluster of the synthetic database), as a user would write it without th
 
 Usage::
 
-    /work/venv/bin/python benchmarks/plain_pipeline.py --size 1752 [--n-max 5 --l-max 5] [--jobs 2] [--json]
+    python benchmarks/plain_pipeline.py --size 1752 [--n-max 5 --l-max 5] [--jobs 2] [--featurizer package] [--json]
 
 Prints the time of each step and the test accuracy; with ``--json`` the last line is a JSON object with them
-(``benchmarks/run.py`` reads it). :func:`synthetic_clusters` is also the plain way's cluster source for the
-featurization cases of ``benchmarks/run.py``.
+(``benchmarks/run.py`` reads it: the ways ``plain`` and ``plain-own`` of its ``pipeline`` case). The times start after
+the imports and the loading of the in-memory profile (:func:`prepare`), as the package's do in ``run.py``.
+:func:`dscribe_features` is also the plain featurization of the ``featurize-*`` cases of ``run.py``.
 """
 
 from __future__ import annotations
@@ -138,13 +139,32 @@ def package_features(clusters: list, n_max: int, l_max: int, jobs: int):
 FEATURIZERS = {'dscribe': dscribe_features, 'package': package_features}
 
 
-def run(size: int, n_max: int, l_max: int, jobs: int, seed: int = 0, featurizer: str = 'dscribe') -> dict:
+def prepare(featurizer: str) -> None:
+    """Load the in-memory profile and import what the steps use, so that the times are those of the work alone (as
+    ``benchmarks/run.py`` times the package's work after its imports and profile loading)."""
+    load_temporary_profile()
+    import ase.build  # noqa: F401
+
+    import aiida_mlworkbench.kkr.geometry
+    import aiida_mlworkbench.synthetic
+
+    if featurizer == 'dscribe':
+        import dscribe.descriptors  # noqa: F401
+    else:
+        import aiida_mlworkbench.descriptors  # noqa: F401
+
+
+def run(size: int, n_max: int, l_max: int, jobs: int, *, seed: int = 0, featurizer: str = 'dscribe') -> dict:
     """Run the five steps and return the seconds of each, the total, the matrix shape and the test accuracy."""
     from sklearn.metrics import accuracy_score
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
+
+    step = time.perf_counter()
+    prepare(featurizer)
+    import_seconds = time.perf_counter() - step
 
     seconds = {}
     start = time.perf_counter()
@@ -171,6 +191,7 @@ def run(size: int, n_max: int, l_max: int, jobs: int, seed: int = 0, featurizer:
 
     return {
         'seconds': time.perf_counter() - start,
+        'import_seconds': import_seconds,
         'steps': seconds,
         'shape': list(features.shape),
         'nnz': int(features.nnz),
@@ -195,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     use_temporary_aiida_path()
-    result = run(args.size, args.n_max, args.l_max, args.jobs, args.seed, args.featurizer)
-    print(f'embeddings: {args.size}, n_max = {args.n_max}, l_max = {args.l_max}, {args.featurizer} n_jobs = {args.jobs}')
+    result = run(args.size, args.n_max, args.l_max, args.jobs, seed=args.seed, featurizer=args.featurizer)
+    soap = f'{args.featurizer} SOAP, n_jobs = {args.jobs}'
+    print(f'embeddings: {args.size}, n_max = {args.n_max}, l_max = {args.l_max}, {soap}')
     print(f'features:   {result["shape"][0]} x {result["shape"][1]}, {result["nnz"]} non-zeros')
     for name, seconds in result['steps'].items():
         print(f'{name + ":":<11} {seconds:8.2f} s')

@@ -1,8 +1,9 @@
-"""The benchmark runner of issue 5: the plain way and the package's way on the same synthetic data, in one command.
+"""The benchmark runner of issues 5 and 11: the plain way and the package's way on the same synthetic data, in one
+command.
 
-    python benchmarks/run.py                      # every case at the reference sizes (N = 1752 and 7100)
-    python benchmarks/run.py --quick              # the same cases on small databases (N = 150, 300, 600), a check
-    python benchmarks/run.py --only featurize-1752 pipeline
+    python benchmarks/run.py                      # every case at the reference sizes (N = 1752, 7100, 28,400)
+    python benchmarks/run.py --quick              # the same cases on small databases (N = 150 to 1200), a check
+    python benchmarks/run.py --only featurize-1752 pipeline plain-aiida
     python benchmarks/run.py --write-results      # also write benchmarks/RESULTS.md
     python benchmarks/run.py --list               # the cases and what each one runs
 
@@ -75,6 +76,9 @@ class Run:
         of N embeddings in the throw-away profile) or ``('clusters', N)`` (that database and its impurity clusters,
         stored with provenance).
     :param seconds_key: the key of the child's JSON that holds the time of the work.
+    :param environment: variables set in the child's environment on top of the runner's (e.g.
+        ``MLWORKBENCH_PLAIN_AIIDA=1``).
+    :param timeout: seconds after which this run is killed (the smaller of this and ``--timeout`` if both are set).
     """
 
     case: str
@@ -86,6 +90,8 @@ class Run:
     needs: tuple[tuple[str, int], ...] = ()
     label: str = ''
     seconds_key: str = 'seconds'
+    environment: dict[str, str] = dataclasses.field(default_factory=dict)
+    timeout: float | None = None
 
 
 @dataclasses.dataclass
@@ -157,6 +163,8 @@ class Context:
         self.timeout = timeout
         self.aiida_path = workdir / 'aiida'
         self.setup_results: list[Result] = []
+        self.results: list[Result] = []
+        """The measured runs so far (setup excluded): a case's check may compare with an earlier case's runs."""
         self._done: dict[tuple[str, int], Result] = {}
 
     def size(self, reference: int) -> int:
@@ -178,16 +186,23 @@ class Context:
         """Run the setup ``run`` needs, then ``run`` itself in a child process, sampling its memory."""
         for need in run.needs:
             self.setup(need)
-        say(f'  {run.case:<18} {run.way:<8} N={run.size:<5} n=l={run.nl or "-"!s:<2} jobs={run.jobs or "-"} ...')
-        result = measure_child(run, self.environment(), self.workdir, self.timeout)
+        say(f'  {run.case:<18} {run.way:<16} N={run.size:<5} n=l={run.nl or "-"!s:<2} jobs={run.jobs or "-"} ...')
+        timeouts = [timeout for timeout in (run.timeout, self.timeout) if timeout is not None]
+        environment = {**self.environment(), **run.environment}
+        result = measure_child(run, environment, self.workdir, min(timeouts) if timeouts else None)
         status = 'ok' if result.ok else f'FAILED (exit code {result.returncode})'
         figures = f'{result.seconds:.1f} s, process {result.process_seconds:.1f} s, {result.peak_rss / MIB:.0f} MiB'
         details = ', '.join(
             f'{key} {value:.1f} s' for key, value in result.payload.items() if key.endswith('_seconds') and value
         )
         say(f'    {status}: {figures}' + (f' ({details})' if details else ''))
+        steps = result.payload.get('steps')
+        if steps:
+            say('    steps: ' + ', '.join(f'{name} {seconds:.1f} s' for name, seconds in steps.items()))
         if not result.ok:
             say(result.stderr_tail)
+        if run.case != 'setup':
+            self.results.append(result)
         return result
 
     def setup(self, need: tuple[str, int]) -> Result:
@@ -352,19 +367,26 @@ def descriptor_parameters(nl: int) -> dict[str, t.Any]:
 
 
 def clusters_file(size: int) -> pathlib.Path:
+    """The file that holds the pk of the stored ``ImpurityClusters`` of the database of ``size`` embeddings."""
     return pathlib.Path(os.environ['AIIDA_PATH']) / f'clusters-{size}.json'
+
+
+def load_clusters(size: int) -> t.Any:
+    """The ``ImpurityClusters`` node the setup stored for the database of ``size`` embeddings."""
+    from aiida import orm
+
+    return orm.load_node(json.loads(clusters_file(size).read_text())['pk'])
 
 
 def task_setup(size: int, clusters: bool) -> dict[str, t.Any]:
     """Create the synthetic database of ``size`` embeddings and, if asked, store its clusters with provenance.
 
-    The geometry of the stored clusters, as ``featurize`` reads it (``StructureData.get_ase``), is also written to
+    The clusters are one ``ImpurityClusters`` node (``build_impurity_clusters``); its pk goes to
+    ``clusters-<size>.json`` and its geometry, as ``featurize`` reads it (``get_atoms_list()``), to
     ``clusters-<size>.npz``: the plain way featurizes exactly these clusters (see :func:`task_plain_featurize`).
     """
     load_benchmark_profile(create=True)
     import numpy as np
-    from aiida import orm
-    from aiida.manage import get_manager
 
     from aiida_mlworkbench.calcfunctions.clusters import build_impurity_clusters
     from aiida_mlworkbench.synthetic import create_synthetic_database, iter_synthetic_embeddings
@@ -374,14 +396,10 @@ def task_setup(size: int, clusters: bool) -> dict[str, t.Any]:
     result: dict[str, t.Any] = {'database_seconds': time.perf_counter() - start}
     if clusters and not clusters_file(size).exists():
         step = time.perf_counter()
-        nodes = build_impurity_clusters(iter_synthetic_embeddings(group))
+        node = build_impurity_clusters(iter_synthetic_embeddings(group))
         result['cluster_seconds'] = time.perf_counter() - step
-        pks = [node.pk for node in nodes]
-        clusters_file(size).write_text(json.dumps(pks))
-        query = orm.QueryBuilder().append(orm.StructureData, filters={'id': {'in': pks}}, project=['id', '*'])
-        by_pk = dict(query.all())
-        with get_manager().get_profile_storage().transaction():  # Stored nodes are then not re-read on each access.
-            atoms = [by_pk[pk].get_ase() for pk in pks]
+        clusters_file(size).write_text(json.dumps({'pk': node.pk}))
+        atoms = node.get_atoms_list()
         np.savez(
             geometry_file(size),
             counts=np.array([len(cluster) for cluster in atoms]),
@@ -426,17 +444,15 @@ def task_plain_featurize(size: int, nl: int, jobs: int, output: str) -> dict[str
 
 
 def task_package_featurize(size: int, nl: int, jobs: int) -> dict[str, t.Any]:
-    """The package's way: the featurize calcfunction on the stored clusters, storing the SparseFeatureMatrix."""
+    """The package's way: the featurize calcfunction on the stored ``ImpurityClusters``, storing the
+    SparseFeatureMatrix."""
     load_benchmark_profile()
     from aiida import orm
 
-    from aiida_mlworkbench.calcfunctions.featurize import featurization_jobs, featurize_structures
+    from aiida_mlworkbench.calcfunctions.featurize import featurization_jobs, featurize
     from aiida_mlworkbench.descriptors.soap import SpeciesAwareSOAP
 
-    pks = json.loads(clusters_file(size).read_text())
-    query = orm.QueryBuilder().append(orm.StructureData, filters={'id': {'in': pks}}, project=['id', '*'])
-    by_pk = dict(query.all())
-    clusters = [by_pk[pk] for pk in pks]
+    clusters = load_clusters(size)
 
     # Time spent inside the descriptor (computing the blocks), to tell it from the calcfunction's other work.
     descriptor_seconds = [0.0]
@@ -457,7 +473,7 @@ def task_package_featurize(size: int, nl: int, jobs: int) -> dict[str, t.Any]:
     SpeciesAwareSOAP.iter_blocks = timed_iter_blocks
     start = time.perf_counter()
     with featurization_jobs(jobs):
-        matrix = featurize_structures(clusters, descriptor_parameters(nl))
+        matrix = featurize(clusters=clusters, descriptor=orm.Dict(descriptor_parameters(nl)))
     seconds = time.perf_counter() - start
     if not matrix.is_stored:
         raise RuntimeError('the feature matrix was not stored')
@@ -506,33 +522,90 @@ def task_compare(plain: str, matrix_pks: list[int], block_size: int = 512) -> di
     return {'comparisons': comparisons}
 
 
-def task_package_pipeline(size: int, nl: int, jobs: int) -> dict[str, t.Any]:
-    """The package's way of the whole pipeline: ImpurityLearningWorkChain on the synthetic database's embeddings."""
-    load_benchmark_profile()
-    from aiida import orm
-    from aiida.engine import run_get_node
-
-    from aiida_mlworkbench.synthetic import default_group_label, iter_synthetic_embeddings
+def _pipeline_builder(
+    nl: int, jobs: int, embeddings: t.Any = None, clusters: t.Any = None, incremental: bool = False
+) -> t.Any:
+    """The work chain's builder, from the embeddings or from the clusters, with the pipeline's descriptor; with
+    ``incremental``, the out-of-core SGDClassifier of ``workchain_at_scale.py full`` instead of the default SVC, whose
+    training time grows faster than linearly with the number of rows."""
     from aiida_mlworkbench.workflows import ImpurityLearningWorkChain
 
-    group = orm.Group.collection.get(label=default_group_label(size, SEED))
-    start = time.perf_counter()
-    builder = ImpurityLearningWorkChain.get_builder_from_embeddings(
-        iter_synthetic_embeddings(group),
-        descriptor={'name': 'soap', 'species': species(), 'n_max': nl, 'l_max': nl, **SOAP_SETTINGS},
-        n_jobs=jobs,
-    )
-    results, node = run_get_node(builder)
-    seconds = time.perf_counter() - start
-    if not node.is_finished_ok:
-        raise RuntimeError(f'{node} failed: {node.exit_status} {node.exit_message}')
+    inputs: dict[str, t.Any] = {'descriptor': descriptor_parameters(nl), 'n_jobs': jobs}
+    if incremental:
+        from workchain_at_scale import FULL_ESTIMATOR
+
+        inputs['estimator'] = FULL_ESTIMATOR
+    if clusters is not None:
+        return ImpurityLearningWorkChain.get_builder_from_clusters(clusters, **inputs)
+    return ImpurityLearningWorkChain.get_builder_from_embeddings(embeddings, **inputs)
+
+
+def _pipeline_payload(results: dict[str, t.Any], node: t.Any) -> dict[str, t.Any]:
+    from aiida_mlworkbench.engine import acceleration_enabled
+
     return {
-        'seconds': seconds,
         'score': results['score'].value,
         'shape': list(results['features'].shape),
         'nnz': results['features'].nnz,
         'workchain_pk': node.pk,
+        'engine_module': acceleration_enabled(),
     }
+
+
+def task_package_pipeline(size: int, nl: int, jobs: int, incremental: bool = False) -> dict[str, t.Any]:
+    """The package's way of the whole pipeline: ImpurityLearningWorkChain on the synthetic database's embeddings, in
+    one process that extracts the clusters (``get_builder_from_embeddings``). The time includes loading the
+    embeddings and making the builder, not the imports (nor does the plain script's)."""
+    load_benchmark_profile()
+    from _common import run_workchain, workchain_steps
+    from aiida import orm
+
+    import aiida_mlworkbench.workflows  # noqa: F401
+    from aiida_mlworkbench.synthetic import default_group_label, iter_synthetic_embeddings
+
+    group = orm.Group.collection.get(label=default_group_label(size, SEED))
+    start = time.perf_counter()
+    builder = _pipeline_builder(nl, jobs, embeddings=iter_synthetic_embeddings(group), incremental=incremental)
+    builder_seconds = time.perf_counter() - start
+    results, node, run_seconds, epoch = run_workchain(builder)
+    seconds = time.perf_counter() - start
+    steps = {'builder': builder_seconds, **workchain_steps(node, epoch, run_seconds)}
+    return {'seconds': seconds, 'steps': steps, **_pipeline_payload(results, node)}
+
+
+def task_package_clusters_pipeline(size: int, nl: int, jobs: int) -> dict[str, t.Any]:
+    """The package's way in two parts: ``build_impurity_clusters`` on the embeddings (one stored ``ImpurityClusters``),
+    then ImpurityLearningWorkChain from that node (``get_builder_from_clusters``); the time is the sum."""
+    load_benchmark_profile()
+    from _common import run_workchain, workchain_steps
+    from aiida import orm
+
+    import aiida_mlworkbench.workflows  # noqa: F401
+    from aiida_mlworkbench.calcfunctions.clusters import build_impurity_clusters
+    from aiida_mlworkbench.synthetic import default_group_label, iter_synthetic_embeddings
+
+    group = orm.Group.collection.get(label=default_group_label(size, SEED))
+    start = time.perf_counter()
+    clusters = build_impurity_clusters(iter_synthetic_embeddings(group))
+    clusters_seconds = time.perf_counter() - start
+    step = time.perf_counter()
+    results, node, run_seconds, epoch = run_workchain(_pipeline_builder(nl, jobs, clusters=clusters))
+    workchain_seconds = time.perf_counter() - step
+    return {
+        'seconds': clusters_seconds + workchain_seconds,
+        'clusters_seconds': clusters_seconds,
+        'workchain_seconds': workchain_seconds,
+        'steps': workchain_steps(node, epoch, run_seconds),
+        **_pipeline_payload(results, node),
+    }
+
+
+def task_workchain_full(size: int, nl: int, jobs: int) -> dict[str, t.Any]:
+    """``workchain_at_scale.py full`` in the benchmark profile: the work chain with the incremental SGDClassifier."""
+    load_benchmark_profile()
+    import workchain_at_scale
+
+    return workchain_at_scale.full_run(size, nl, jobs)
 
 
 def run_task(name: str, arguments: str) -> int:
@@ -654,67 +727,312 @@ for _size in REFERENCE_SIZES:
 PIPELINE_SIZE = 1752
 PIPELINE_NL = 5
 PIPELINE_JOBS = 1
-"""Featurization jobs of both ways of the pipeline case: what a user writes by default (``SOAP.create`` and the work
+"""Featurization jobs of every way of the pipeline case: what a user writes by default (``SOAP.create`` and the work
 chain both default to one job)."""
+PIPELINE_PLAIN_RATIO = 0.5
+"""Target: the package's time / the plain DScribe + scikit-learn script's."""
+PIPELINE_OWN_RATIO = 2.0
+"""Target: the package's time / the plain script on the package's own SOAP (what provenance costs)."""
+PACKAGE_WAYS = ('package', 'package-clusters')
+PLAIN_WAYS = {'plain': 'dscribe', 'plain-own': 'package'}
+"""The plain ways of the pipeline case and the ``--featurizer`` of ``plain_pipeline.py`` each runs."""
+WAYS = ('plain', 'plain-own', *PACKAGE_WAYS)
+
+
+def _plain_pipeline_command(size: int, featurizer: str) -> list[str]:
+    command = [str(HERE / 'plain_pipeline.py'), '--size', str(size), '--n-max', str(PIPELINE_NL)]
+    command += ['--l-max', str(PIPELINE_NL), '--jobs', str(PIPELINE_JOBS), '--seed', str(SEED)]
+    return [*command, '--featurizer', featurizer, '--json']
 
 
 def _build_pipeline(context: Context) -> list[Run]:
     size = context.size(PIPELINE_SIZE)
-    plain = [str(HERE / 'plain_pipeline.py'), '--size', str(size), '--n-max', str(PIPELINE_NL)]
-    plain += ['--l-max', str(PIPELINE_NL), '--jobs', str(PIPELINE_JOBS), '--seed', str(SEED), '--json']
+    arguments = {'size': size, 'nl': PIPELINE_NL, 'jobs': PIPELINE_JOBS}
     return [
-        Run('pipeline', 'plain', size, PIPELINE_NL, PIPELINE_JOBS, plain, label='benchmarks/plain_pipeline.py'),
+        Run(
+            'pipeline',
+            'plain',
+            size,
+            PIPELINE_NL,
+            PIPELINE_JOBS,
+            _plain_pipeline_command(size, PLAIN_WAYS['plain']),
+            label='benchmarks/plain_pipeline.py (DScribe SOAP)',
+        ),
+        Run(
+            'pipeline',
+            'plain-own',
+            size,
+            PIPELINE_NL,
+            PIPELINE_JOBS,
+            _plain_pipeline_command(size, PLAIN_WAYS['plain-own']),
+            label="benchmarks/plain_pipeline.py --featurizer package (the package's SOAP, no provenance)",
+        ),
         Run(
             'pipeline',
             'package',
             size,
             PIPELINE_NL,
             PIPELINE_JOBS,
-            context.task_command('package_pipeline', size=size, nl=PIPELINE_NL, jobs=PIPELINE_JOBS),
+            context.task_command('package_pipeline', **arguments),
             needs=(('database', size),),
-            label='ImpurityLearningWorkChain',
+            label='ImpurityLearningWorkChain.get_builder_from_embeddings: one process that extracts',
+        ),
+        Run(
+            'pipeline',
+            'package-clusters',
+            size,
+            PIPELINE_NL,
+            PIPELINE_JOBS,
+            context.task_command('package_clusters_pipeline', **arguments),
+            needs=(('database', size),),
+            label='build_impurity_clusters, then ImpurityLearningWorkChain.get_builder_from_clusters',
         ),
     ]
 
 
 def _check_pipeline(context: Context, results: list[Result]) -> list[Target]:
-    scores = {result.run.way: result.payload.get('score') for result in results if result.ok}
-    if len(scores) < 2:
-        return [Target('pipeline: a run failed or was skipped', None)]
-    seconds = {result.run.way: result.seconds for result in results if result.ok}
-    ratio = seconds['package'] / seconds['plain']
-    speed = Target(
-        f'pipeline: the work chain with every node stored takes {seconds["package"]:.1f} s, the plain script '
-        f'{seconds["plain"]:.1f} s: ratio {ratio:.2f} (target <= 1.0)',
-        ratio <= 1.0,
-    )
+    done = {result.run.way: result for result in results if result.ok}
+    size = context.size(PIPELINE_SIZE)
+    targets = []
+    for way in PACKAGE_WAYS:
+        if way not in done:
+            targets.append(Target(f'pipeline, N = {size}: the {way} run failed or was skipped', None))
+            continue
+        package = done[way]
+        parts = ''
+        if way == 'package-clusters':
+            parts = (
+                f' (build_impurity_clusters {package.payload["clusters_seconds"]:.1f} s + work chain from the '
+                f'clusters {package.payload["workchain_seconds"]:.1f} s)'
+            )
+        for reference, limit in (('plain', PIPELINE_PLAIN_RATIO), ('plain-own', PIPELINE_OWN_RATIO)):
+            if reference not in done:
+                targets.append(Target(f'pipeline, N = {size}: {way} / {reference}: the {reference} run failed', None))
+                continue
+            ratio = package.seconds / done[reference].seconds
+            targets.append(
+                Target(
+                    f'pipeline, N = {size}, every node stored: {way} {package.seconds:.1f} s{parts} / {reference} '
+                    f'{done[reference].seconds:.1f} s = {ratio:.2f} (target <= {limit})',
+                    ratio <= limit,
+                )
+            )
     # Not a target: the plain script's clusters differ from the stored ones by round-off (see task_plain_featurize),
     # and StandardScaler(with_mean=False) blows up features whose spread is round-off, so accuracies may differ.
-    return [
-        speed,
-        Target(
-            f'pipeline: test accuracy of the plain script {scores["plain"]:.4f}, of the work chain '
-            f'{scores["package"]:.4f}',
-            None,
-            info=True,
-        ),
-    ]
+    scores = ', '.join(f'{way} {run.payload["score"]:.4f}' for way, run in done.items() if 'score' in run.payload)
+    if scores:
+        targets.append(Target(f'pipeline, N = {size}: test accuracy: {scores}', None, info=True))
+    return targets
 
 
 register(
     Case(
         'pipeline',
         f'the whole work (clusters, features at n = l = {PIPELINE_NL}, stratified 0.25 split, StandardScaler + linear '
-        f'SVC, accuracy) on the N = {PIPELINE_SIZE} database: benchmarks/plain_pipeline.py against '
-        f'ImpurityLearningWorkChain from the embeddings, both with {PIPELINE_JOBS} featurization jobs',
+        f'SVC, accuracy) on the N = {PIPELINE_SIZE} database, {PIPELINE_JOBS} featurization job: plain_pipeline.py '
+        "with DScribe (plain) and with the package's SOAP (plain-own), against ImpurityLearningWorkChain from the "
+        'embeddings (package) and build_impurity_clusters + the work chain from the clusters (package-clusters); '
+        f'each package way <= {PIPELINE_PLAIN_RATIO}x plain and <= {PIPELINE_OWN_RATIO:.0f}x plain-own',
         _build_pipeline,
         _check_pipeline,
     )
 )
 
 
+PLAIN_AIIDA_VARIABLE = 'MLWORKBENCH_PLAIN_AIIDA'
+"""``aiida_mlworkbench.engine.ENVIRONMENT_VARIABLE`` (not imported: the runner itself does not import aiida)."""
+PLAIN_AIIDA_TIMEOUT = 2 * 60 * 60
+PLAIN_AIIDA_QUICK_TIMEOUT = 10 * 60
+"""Seconds after which the plain-aiida run is killed: aiida-core compares each new input link with all earlier ones
+(``Dict.__eq__`` reads both nodes' attributes from the database), so the 1752 embeddings take most of an hour."""
+
+
+def _build_plain_aiida(context: Context) -> list[Run]:
+    size = context.size(PIPELINE_SIZE)
+    return [
+        Run(
+            'plain-aiida',
+            'package',
+            size,
+            PIPELINE_NL,
+            PIPELINE_JOBS,
+            context.task_command('package_pipeline', size=size, nl=PIPELINE_NL, jobs=PIPELINE_JOBS),
+            needs=(('database', size),),
+            label=f'the package way of the pipeline case with {PLAIN_AIIDA_VARIABLE}=1 (plain aiida-core)',
+            environment={PLAIN_AIIDA_VARIABLE: '1'},
+            timeout=PLAIN_AIIDA_QUICK_TIMEOUT if context.quick else PLAIN_AIIDA_TIMEOUT,
+        )
+    ]
+
+
+def _check_plain_aiida(context: Context, results: list[Result]) -> list[Target]:
+    if not results:
+        return [Target('plain aiida-core: the run was skipped', None)]
+    result = results[0]
+    where = f'the work chain from the embeddings, N = {result.run.size}, on plain aiida-core ({PLAIN_AIIDA_VARIABLE}=1)'
+    if not result.ok:
+        return [Target(f'{where}: failed or killed after {result.process_seconds:.0f} s', None)]
+    if result.payload.get('engine_module') is not False:
+        return [Target(f'{where}: the engine module was still used: the switch did not take effect', False)]
+    package = next(
+        (
+            other
+            for other in context.results
+            if (other.run.case, other.run.way, other.run.size) == ('pipeline', 'package', result.run.size) and other.ok
+        ),
+        None,
+    )
+    versus = ''
+    if package is not None:
+        versus = f', {result.seconds / package.seconds:.1f}x the {package.seconds:.1f} s with the engine module'
+    return [Target(f'{where}: {result.seconds:.1f} s{versus} (no target)', None, info=True)]
+
+
+register(
+    Case(
+        'plain-aiida',
+        f'the package way of the pipeline case (N = {PIPELINE_SIZE}) with {PLAIN_AIIDA_VARIABLE}=1: every process on '
+        'plain aiida-core, without aiida_mlworkbench.engine; the time is reported, no target',
+        _build_plain_aiida,
+        _check_plain_aiida,
+    )
+)
+
+
+SCALING_SIZES = (1752, 7100, 28_400)
+QUICK_SCALING_SIZES = (150, 300, 1200)
+SCALING_TIME_RATIO = 1.2
+"""Target: time per embedding at the largest N / that at the smallest."""
+SCALING_RSS_BYTES = 1.5e9
+
+
+def _scaling_sizes(context: Context) -> tuple[int, ...]:
+    return QUICK_SCALING_SIZES if context.quick else SCALING_SIZES
+
+
+def _build_scaling(context: Context) -> list[Run]:
+    return [
+        Run(
+            'scaling',
+            'package',
+            size,
+            PIPELINE_NL,
+            PIPELINE_JOBS,
+            context.task_command('package_pipeline', size=size, nl=PIPELINE_NL, jobs=PIPELINE_JOBS, incremental=True),
+            needs=(('database', size),),
+            label='ImpurityLearningWorkChain.get_builder_from_embeddings with the incremental SGDClassifier',
+        )
+        for size in _scaling_sizes(context)
+    ]
+
+
+def _check_scaling(context: Context, results: list[Result]) -> list[Target]:
+    done = {result.run.size: result for result in results if result.ok}
+    sizes = _scaling_sizes(context)
+    targets = [
+        Target(
+            f'scaling, N = {size}: {done[size].seconds:.1f} s, {1000 * done[size].seconds / size:.2f} ms per '
+            f'embedding, peak RSS {done[size].peak_rss / MIB:.0f} MiB',
+            None,
+            info=True,
+        )
+        for size in sizes
+        if size in done
+    ]
+    small, large = min(sizes), max(sizes)
+    if small not in done or large not in done:
+        return [*targets, Target('scaling: a run failed or was skipped', None)]
+    ratio = (done[large].seconds / large) / (done[small].seconds / small)
+    return [
+        *targets,
+        Target(
+            f'scaling: time per embedding at N = {large} is {ratio:.2f}x that at N = {small} (target <= '
+            f'{SCALING_TIME_RATIO})',
+            ratio <= SCALING_TIME_RATIO,
+        ),
+        Target(
+            f'scaling: peak RSS at N = {large} {done[large].peak_rss / 1e9:.2f} GB (target < {SCALING_RSS_BYTES / 1e9} '
+            'GB)',
+            done[large].peak_rss < SCALING_RSS_BYTES,
+        ),
+    ]
+
+
+register(
+    Case(
+        'scaling',
+        f'the package way of the pipeline case with the incremental SGDClassifier of workchain-7100-9 (training '
+        f'linear in N; SVC is not) (n = l = {PIPELINE_NL}, {PIPELINE_JOBS} job) at N = '
+        f'{", ".join(map(str, SCALING_SIZES))} (synthetic): time, time per embedding and peak RSS per N; time per '
+        f'embedding at the largest N within {SCALING_TIME_RATIO}x of that at the smallest, peak RSS there < '
+        f'{SCALING_RSS_BYTES / 1e9} GB',
+        _build_scaling,
+        _check_scaling,
+    )
+)
+
+
+sys.path.insert(0, str(HERE))  # the other scripts of this folder, whose tasks some cases measure
+import workchain_at_scale  # noqa: E402
+
+FULL_SIZE = 7100
+FULL_NL = 9
+FULL_SECONDS = 45.0
+FULL_RSS_BYTES = 1e9
+
+
+def _build_workchain_full(context: Context) -> list[Run]:
+    size = context.size(FULL_SIZE)
+    jobs = workchain_at_scale.FULL_JOBS
+    return [
+        Run(
+            f'workchain-{FULL_SIZE}-{FULL_NL}',
+            'package',
+            size,
+            FULL_NL,
+            jobs,
+            context.task_command('workchain_full', size=size, nl=FULL_NL, jobs=jobs),
+            needs=(('database', size),),
+            label='workchain_at_scale.py full: ImpurityLearningWorkChain, incremental SGDClassifier',
+        )
+    ]
+
+
+def _check_workchain_full(context: Context, results: list[Result]) -> list[Target]:
+    if not results or not results[0].ok:
+        return [Target(f'workchain-{FULL_SIZE}-{FULL_NL}: the run failed or was skipped', None)]
+    result = results[0]
+    rows, columns = result.payload['shape']
+    where = f'the work chain at {rows} x {columns:,} (n = l = {FULL_NL}), {result.run.jobs} job(s), incremental SGD'
+    own = result.payload['ru_maxrss'] / 1e9
+    return [
+        Target(
+            f'{where}: {result.seconds:.1f} s end to end (target < {FULL_SECONDS:.0f} s); test score '
+            f'{result.payload["score"]:.4f}',
+            result.seconds < FULL_SECONDS,
+        ),
+        Target(
+            f'{where}: peak RSS {result.peak_rss / 1e9:.2f} GB, the child and its featurization workers together '
+            f'(the child alone {own:.2f} GB; target < {FULL_RSS_BYTES / 1e9:.0f} GB)',
+            result.peak_rss < FULL_RSS_BYTES,
+        ),
+    ]
+
+
+register(
+    Case(
+        f'workchain-{FULL_SIZE}-{FULL_NL}',
+        f'workchain_at_scale.py full: ImpurityLearningWorkChain from the N = {FULL_SIZE} embeddings at n = l = '
+        f'{FULL_NL} over the 60 species (1,460,700 features), incremental SGDClassifier streaming from the HDF5 file, '
+        f'{workchain_at_scale.FULL_JOBS} featurization jobs; end to end < {FULL_SECONDS:.0f} s and peak RSS < '
+        f'{FULL_RSS_BYTES / 1e9:.0f} GB',
+        _build_workchain_full,
+        _check_workchain_full,
+    )
+)
+
+
 # The training case of benchmarks/training_memory.py (written separately): its tasks, measured here.
-sys.path.insert(0, str(HERE))
 try:
     import training_memory
 except ImportError:  # Without that script the other cases still run.
@@ -964,10 +1282,9 @@ def _format_seconds(seconds: float) -> str:
 
 
 def table(results: list[Result], setup: list[Result]) -> str:
-    """Markdown table of the runs; ratios are package / plain of the same case, N and n=l (time and peak RSS)."""
-    header = (
-        '| case | way | N | n=l | jobs | wall s | process s | peak RSS MiB | time package/plain | RSS package/plain |'
-    )
+    """Markdown table of the runs; ratios are each way / the plain way of the same case, N and n=l (time and peak
+    RSS)."""
+    header = '| case | way | N | n=l | jobs | wall s | process s | peak RSS MiB | time / plain | RSS / plain |'
     lines = [header, '|' + '---|' * (header.count('|') - 1)]
     for result in setup:
         run = result.run
@@ -1044,9 +1361,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         '--ways',
         nargs='+',
-        choices=('plain', 'package'),
-        default=['plain', 'package'],
-        help='run only these ways (default both); ratios need both',
+        choices=WAYS,
+        default=list(WAYS),
+        help='run only these ways (default all); ratios need a plain way and a package way',
     )
     parser.add_argument('--plain-jobs', type=int, default=PLAIN_JOBS, help=f'n_jobs of DScribe (default {PLAIN_JOBS})')
     parser.add_argument(
@@ -1101,10 +1418,15 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - start
     load_end = load_average()
 
-    if args.quick or args.only or len(args.ways) < 2:
-        targets.append(Target(f'total time {total / 60:.1f} min: checked only for a full run (target < 20 min)', None))
+    plain_aiida = sum(result.process_seconds for result in results if result.run.case == 'plain-aiida')
+    rest = total - plain_aiida
+    text = f'total time {total / 60:.1f} min'
+    if plain_aiida:
+        text += f', of which plain-aiida {plain_aiida / 60:.1f} min: the rest {rest / 60:.1f} min'
+    if args.quick or args.only or len(args.ways) < len(WAYS):
+        targets.append(Target(f'{text}: checked only for a full run (target < 20 min without plain-aiida)', None))
     else:
-        targets.append(Target(f'total time {total / 60:.1f} min (target < 20 min)', total < TOTAL_TIME_TARGET))
+        targets.append(Target(f'{text} (target < 20 min without plain-aiida)', rest < TOTAL_TIME_TARGET))
 
     report = table(results, context.setup_results)
     print(report)
@@ -1160,8 +1482,8 @@ def write_results(
         '',
         'wall s: the work itself (the child reports it: featurization, or the whole pipeline, without interpreter '
         'start-up and loading); process s: the whole child process; peak RSS: the child and all its descendants, '
-        'sampled every 50 ms; ratios: package / plain of the same case. Setup rows: the synthetic database and its '
-        'clusters stored with provenance, done once per size and shared by the cases.',
+        'sampled every 50 ms; ratios: each way / the plain way of the same case, N and n = l. Setup rows: the '
+        'synthetic database and its clusters stored with provenance, done once per size and shared by the cases.',
         '',
         report,
         '',
