@@ -26,6 +26,7 @@ from aiida import orm
 from ase.data import chemical_symbols
 
 from aiida_mlworkbench.data.hdf5_checks import dataset_problem, root_problem
+from aiida_mlworkbench.data.snapshot import AttributeSnapshot
 
 __all__ = ('CorruptedClustersError', 'HostCrystal', 'ImpurityClusters')
 
@@ -486,7 +487,7 @@ class _Layout(t.NamedTuple):
     hosts: list[dict[str, t.Any]]
 
 
-class ImpurityClusters(orm.Data):
+class ImpurityClusters(AttributeSnapshot, orm.Data):
     """The impurity clusters of a database, one row per cluster, with the host crystals they were cut from.
 
     Build it from clusters as :func:`aiida_mlworkbench.kkr.geometry.impurity_cluster` returns them (non-periodic
@@ -554,15 +555,6 @@ class ImpurityClusters(orm.Data):
         return True
 
     # Attributes -------------------------------------------------------------------------------------------------
-
-    def _attribute(self, name: str, default: t.Any = None) -> t.Any:
-        """An attribute; of a stored (immutable) node, from one snapshot instead of a database query per access."""
-        if not self.is_stored:
-            return self.base.attributes.get(name, default)
-        snapshot = self.__dict__.get('_attribute_snapshot')
-        if snapshot is None:
-            snapshot = self.__dict__['_attribute_snapshot'] = self.base.attributes.all
-        return snapshot.get(name, default)
 
     def __len__(self) -> int:
         return self._attribute('n_clusters', 0)

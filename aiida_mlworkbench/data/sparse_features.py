@@ -23,6 +23,7 @@ import scipy.sparse
 from aiida.orm import Data
 
 from aiida_mlworkbench.data.hdf5_checks import dataset_problem, root_problem
+from aiida_mlworkbench.data.snapshot import AttributeSnapshot
 
 __all__ = ('CorruptedFeatureMatrixError', 'SparseFeatureMatrix', 'plan_row_blocks')
 
@@ -249,7 +250,7 @@ class _ContentHasher:
         return f'sha256:{total.hexdigest()}'
 
 
-class SparseFeatureMatrix(Data):
+class SparseFeatureMatrix(AttributeSnapshot, Data):
     """A sparse feature matrix (rows are samples, columns are features) stored as CSR in an HDF5 file.
 
     Build it from a ``scipy.sparse`` matrix or array, a pydata ``sparse.COO`` array (what DScribe returns), or, for
@@ -411,15 +412,6 @@ class SparseFeatureMatrix(Data):
         return (str(key), *(json.dumps(self.base.attributes.get(name), sort_keys=True) for name in LAYOUT_ATTRIBUTES))
 
     # Queryable properties ---------------------------------------------------------------------------------------
-
-    def _attribute(self, name: str, default: t.Any = None) -> t.Any:
-        """An attribute; of a stored (immutable) node, from one snapshot instead of a database query per access."""
-        if not self.is_stored:
-            return self.base.attributes.get(name, default)
-        snapshot = self.__dict__.get('_attribute_snapshot')
-        if snapshot is None:
-            snapshot = self.__dict__['_attribute_snapshot'] = self.base.attributes.all
-        return snapshot.get(name, default)
 
     @property
     def shape(self) -> tuple[int, int]:
