@@ -112,6 +112,7 @@ def test_self_check_catches_links_not_stored(embeddings, monkeypatch):
     message = str(raised.value)
     assert 'aiida-core 2.' in message
     assert f'{engine.ENVIRONMENT_VARIABLE}=1' in message
+    assert_refused_node_excepted(message)
 
 
 def test_self_check_catches_a_wrong_hash(embeddings, monkeypatch):
@@ -128,8 +129,22 @@ def test_self_check_catches_a_wrong_hash(embeddings, monkeypatch):
             self._node.base.extras.set(self._HASH_EXTRA_KEY, 'stale')
 
     monkeypatch.setattr(NodeCaching, 'rehash', stale_rehash)
-    with pytest.raises(engine.EngineCheckError, match=r'hash stale'):
+    with pytest.raises(engine.EngineCheckError, match=r'hash stale') as raised:
         extract_impurity_clusters.run_get_node(**extraction_inputs(embeddings))
+    assert_refused_node_excepted(str(raised.value))
+
+
+def assert_refused_node_excepted(message):
+    """The process the self-check refused stays in the graph: excepted, sealed, with the check's message, no output."""
+    builder = orm.QueryBuilder().append(
+        orm.CalcFunctionNode, filters={'attributes.process_label': 'extract_impurity_clusters'}, tag='process'
+    )
+    builder.order_by({'process': {'id': 'desc'}})
+    node = builder.first(flat=True)
+    assert node.is_excepted
+    assert node.is_sealed
+    assert message in node.exception
+    assert not node.base.links.get_outgoing().all()
 
 
 def test_switched_off_module_does_not_check(embeddings, monkeypatch):

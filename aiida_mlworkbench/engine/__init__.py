@@ -160,11 +160,22 @@ class ManyInputs:
         self.__dict__['_mlworkbench_inputs'] = earlier_inputs + len(triples)
 
     def on_create(self) -> None:
-        """Create the process as aiida-core does, then check what :meth:`_setup_inputs` stored."""
+        """Create the process as aiida-core does, then check what :meth:`_setup_inputs` stored.
+
+        A node that fails the check stays in the graph as an excepted, sealed process with the check's message, so
+        that it is neither run nor taken as a cache source.
+        """
         super().on_create()  # type: ignore[misc]
         n_inputs = self.__dict__.get('_mlworkbench_inputs')
-        if n_inputs is not None and self.node.is_stored:
+        if n_inputs is None or not self.node.is_stored:
+            return
+        try:
             check_stored_inputs(self.node, n_inputs)
+        except EngineCheckError as exception:
+            self.node.set_exception(f'{type(exception).__name__}: {exception}')
+            self.node.set_process_state(engine.ProcessState.EXCEPTED)
+            self.node.seal()
+            raise
 
 
 def calcfunction_with_many_inputs(function: F) -> F:
