@@ -32,7 +32,7 @@ from aiida_mlworkbench.kkr import (
     scoef_alat,
     scoef_of,
 )
-from aiida_mlworkbench.kkr.geometry import ClusterTooLargeError
+from aiida_mlworkbench.kkr.geometry import ClusterTooLargeError, _read_host, reading_hosts
 from aiida_mlworkbench.synthetic import create_synthetic_database, iter_synthetic_embeddings
 
 CU_A = 3.61  # Angstrom, fcc Cu
@@ -125,6 +125,24 @@ def test_zimp_int_list_ase_host_and_alat_unit_agree():
         assert _pairs(variant) == _pairs(reference)
     # Read in the wrong unit, the same number gives another cluster: the unit matters.
     assert len(impurity_cluster(host, {'Rcut': 4.0, 'Zimp': 26}, rcut_unit=RcutUnit.ALAT)) > len(reference)
+
+
+def test_hosts_read_once_in_scope_and_anew_outside():
+    """Inside reading_hosts() a host shared by many embeddings is read once, with the same clusters as without; outside
+    it, a host changed between two calls gives the cluster of its new geometry."""
+    host = _cu_host()
+    info = {'Rcut': 4.0, 'Zimp': 26}
+    reference = impurity_cluster(host, info)
+    with reading_hosts():
+        first = impurity_cluster(host, info)
+        assert _read_host(host) is _read_host(host)
+        second = impurity_cluster(host, {**info, 'Zimp': 28})
+    assert _pairs(first) == _pairs(reference)
+    assert second.numbers[0] == 28
+    assert [pair for pair in _pairs(second) if pair[0] == 29] == [pair for pair in _pairs(reference) if pair[0] == 29]
+    assert _read_host(host) is not _read_host(host)
+    host.set_cell((np.array(host.cell) * 1.2).tolist())  # the second shell moves beyond Rcut
+    assert len(impurity_cluster(host, info)) < len(reference)
 
 
 def test_empty_spheres_are_left_out_hydrogen_is_kept():

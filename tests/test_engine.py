@@ -189,3 +189,78 @@ def test_work_chain_from_embeddings_both_ways(embeddings, way):
     assert len(input_links(node)) == n_inputs
     assert node.outputs.features.n_rows == len(embeddings)
     assert node.base.caching.get_hash() == node.base.caching.compute_hash()
+
+
+@pytest.mark.parametrize('way', WAYS, indirect=True)
+def test_checkpoints_encode_the_inputs_once(embeddings, way, monkeypatch):
+    """With the module, a work chain with many inputs encodes its (frozen) inputs for the checkpoints once, not at
+    every step; every checkpoint still holds them, and they decode to the same nodes as plain aiida-core's."""
+    from aiida.engine.processes.process import Process
+    from plumpy.processes import BundleKeys
+
+    encodings = []
+    original = Process.encode_input_args
+
+    def counting(self, inputs):
+        encoded = original(self, inputs)
+        if isinstance(self, ImpurityLearningWorkChain):
+            encodings.append((id(inputs), encoded))
+        return encoded
+
+    monkeypatch.setattr(Process, 'encode_input_args', counting)
+    checkpoints = []
+    original_save = ImpurityLearningWorkChain.save_instance_state
+
+    def recording(self, out_state, save_context):
+        original_save(self, out_state, save_context)
+        checkpoints.append((self.decode_input_args(out_state[BundleKeys.INPUTS_RAW]), dict(self.inputs)))
+
+    monkeypatch.setattr(ImpurityLearningWorkChain, 'save_instance_state', recording)
+    builder = ImpurityLearningWorkChain.get_builder_from_embeddings(
+        embeddings, descriptor=SMALL_SOAP, split={'test_fraction': 0.3, 'stratify': False}
+    )
+    _, node = run_get_node(builder)
+    assert node.is_finished_ok, node.exit_message
+    assert len(checkpoints) >= 5
+    input_encodings = [entry for entry in encodings if len(entry[1]) > 1000]  # the embeddings namespace is long
+    if way == 'engine':
+        assert len(input_encodings) == 2  # as given and as parsed
+    else:
+        assert len(input_encodings) == 2 * len(checkpoints)
+    for decoded, parsed in checkpoints:
+        assert {key: node.uuid for key, node in decoded['embeddings']['impurity_infos'].items()} == {
+            key: node.uuid for key, node in parsed['embeddings']['impurity_infos'].items()
+        }
+
+
+def test_load_together_reads_all_rows_in_one_query(embeddings):
+    """After a commit, every node would be read back by a query of its own; after load_together, by none."""
+    import sqlalchemy
+
+    nodes = [info for _, info in embeddings]
+    orm.Int(1).store()  # a commit: the session forgets what it read
+    session = nodes[0].backend.get_session()
+    statements = []
+
+    def count(*args):
+        statements.append(args[2])
+
+    engine_ = session.get_bind()
+    sqlalchemy.event.listen(engine_, 'before_cursor_execute', count)
+    try:
+        engine.load_together(nodes)
+        queries_to_load = len(statements)
+        uuids = [node.uuid for node in nodes]
+    finally:
+        sqlalchemy.event.remove(engine_, 'before_cursor_execute', count)
+    assert queries_to_load == 1
+    assert len(statements) == 1  # reading the UUIDs afterwards needed no query
+    assert uuids == [orm.load_node(node.pk).uuid for node in nodes]
+
+
+def test_load_together_fails_loudly_if_storage_changed(embeddings, monkeypatch):
+    """If aiida-core's storage no longer exposes a node's SQLAlchemy model, the module says so and how to switch off."""
+    node = embeddings[0][1]
+    monkeypatch.setattr(type(node.backend_entity), 'bare_model', property(lambda self: self.missing))
+    with pytest.raises(engine.EngineCheckError, match=engine.ENVIRONMENT_VARIABLE):
+        engine.load_together([node])

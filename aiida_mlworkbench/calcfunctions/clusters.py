@@ -17,11 +17,17 @@ import typing as t
 import ase
 from aiida import orm
 from aiida.common.links import validate_link_label
-from aiida.engine import ExitCode, calcfunction
+from aiida.engine import ExitCode, Process, calcfunction
 
 from aiida_mlworkbench.data.impurity_clusters import HostCrystal, ImpurityClusters
 from aiida_mlworkbench.engine import calcfunction_with_many_inputs
-from aiida_mlworkbench.kkr.geometry import ClusterTooLargeError, RcutUnit, check_embedding, impurity_cluster
+from aiida_mlworkbench.kkr.geometry import (
+    ClusterTooLargeError,
+    RcutUnit,
+    check_embedding,
+    impurity_cluster,
+    reading_hosts,
+)
 
 if t.TYPE_CHECKING:
     from aiida_mlworkbench.kkr.embeddings import ImpurityEmbedding
@@ -107,21 +113,38 @@ def extract_impurity_clusters(**namespaces: t.Any) -> dict[str, ImpurityClusters
     host_keys = sorted(set(host_of.values()))
     host_index = {host_key: index for index, host_key in enumerate(host_keys)}
     copies = {host_key: hosts[host_key].clone() for host_key in host_keys}
-    crystals = []
-    for host_key in host_keys:
-        try:
-            crystals.append(HostCrystal.from_structure(copies[host_key], uuid=hosts[host_key].uuid))
-        except ValueError as exception:
-            return EXIT_CODES['invalid_embedding'].format(key=f's of host {host_key}', detail=str(exception))
-    clusters: list[ase.Atoms] = []
-    for key in keys:
-        try:
-            host = copies[host_of[key]]
-            clusters.append(impurity_cluster(host, impurity_infos[key].get_dict(), _rcut_unit(rcut_units.get(key))))
-        except ValueError as exception:
-            return _embedding_exit_code(exception, key)
+    with reading_hosts():  # each host copy is read once, not once per embedding
+        crystals = []
+        for host_key in host_keys:
+            try:
+                crystals.append(HostCrystal.from_structure(copies[host_key], uuid=hosts[host_key].uuid))
+            except ValueError as exception:
+                return EXIT_CODES['invalid_embedding'].format(key=f's of host {host_key}', detail=str(exception))
+        clusters: list[ase.Atoms] = []
+        info_dicts = _impurity_info_dicts(impurity_infos)
+        for key in keys:
+            try:
+                host = copies[host_of[key]]
+                clusters.append(impurity_cluster(host, info_dicts[key], _rcut_unit(rcut_units.get(key))))
+            except ValueError as exception:
+                return _embedding_exit_code(exception, key)
     node = ImpurityClusters(clusters, keys=keys, hosts=crystals, host_of=[host_index[host_of[key]] for key in keys])
     return {'clusters': node}
+
+
+def _impurity_info_dicts(impurity_infos: collections.abc.Mapping[str, orm.Dict]) -> dict[str, dict[str, t.Any]]:
+    """The content of each ``impurity_info`` by embedding key, read in one query over the input links of the running
+    extraction: ``get_dict()`` of each stored node would be a query of its own, thousands per database."""
+    process = Process.current()
+    if process is None or not process.node.is_stored:
+        return {key: node.get_dict() for key, node in impurity_infos.items()}
+    builder = orm.QueryBuilder().append(orm.CalcFunctionNode, filters={'id': process.node.pk}, tag='process')
+    builder.append(orm.Dict, with_outgoing='process', project='attributes', edge_project='label')
+    prefix = 'impurity_infos__'
+    read = {label[len(prefix) :]: attributes for attributes, label in builder.iterall() if label.startswith(prefix)}
+    if set(read) != set(impurity_infos):  # not linked as this function links them: read each node
+        return {key: node.get_dict() for key, node in impurity_infos.items()}
+    return read
 
 
 def _input_problem(namespaces: collections.abc.Mapping[str, t.Any]) -> str | None:
@@ -221,14 +244,16 @@ def check_embeddings(
     """
     copies = _Hosts()
     check = impurity_cluster if build else check_embedding
-    for name, host, impurity_info, rcut_unit in embeddings:
-        try:
-            check(copies(host), impurity_info.get_dict(), RcutUnit.ANGSTROM if rcut_unit is None else rcut_unit)
-        except ValueError as exception:
-            error = ClusterTooLargeError if isinstance(exception, ClusterTooLargeError) else ValueError
-            raise error(
-                f'{name} (host {host.get_formula()} <{host.uuid}>, impurity_info <{impurity_info.uuid}>): {exception}'
-            ) from exception
+    with reading_hosts():  # the copies are read once each, however many embeddings share them
+        for name, host, impurity_info, rcut_unit in embeddings:
+            try:
+                check(copies(host), impurity_info.get_dict(), RcutUnit.ANGSTROM if rcut_unit is None else rcut_unit)
+            except ValueError as exception:
+                error = ClusterTooLargeError if isinstance(exception, ClusterTooLargeError) else ValueError
+                raise error(
+                    f'{name} (host {host.get_formula()} <{host.uuid}>, impurity_info <{impurity_info.uuid}>): '
+                    f'{exception}'
+                ) from exception
 
 
 def embedding_inputs(

@@ -22,10 +22,12 @@ version outside :data:`TESTED_AIIDA_CORE`, the module switches itself off and lo
 
 from __future__ import annotations
 
+import collections.abc
 import logging
 import os
 import typing as t
 
+import sqlalchemy
 from aiida import __version__ as aiida_core_version
 from aiida import engine, orm
 from aiida.common.links import LinkType, validate_link_label
@@ -40,6 +42,7 @@ __all__ = (
     'acceleration_enabled',
     'calcfunction_with_many_inputs',
     'check_stored_inputs',
+    'load_together',
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -52,6 +55,9 @@ TESTED_AIIDA_CORE: tuple[tuple[int, int], ...] = ((2, 9),)
 
 MANY_INPUTS = 200
 """A process with fewer input nodes than this is linked by aiida-core itself: its quadratic cost is negligible."""
+
+LOAD_CHUNK = 5000
+"""Node rows read per query by :func:`load_together` (below SQLite's limit of bound parameters)."""
 
 INPUT_LINK_TYPES = (LinkType.INPUT_CALC, LinkType.INPUT_WORK)
 
@@ -110,8 +116,9 @@ def check_stored_inputs(node: orm.ProcessNode, n_inputs: int) -> None:
         raise EngineCheckError(
             f'{node} has {stored} input links stored, but it was given {n_inputs} inputs. {_switch_off_hint()}'
         )
-    stored_hash = node.base.caching.get_hash()
-    computed = node.base.caching.compute_hash()
+    with node.backend.transaction():  # read only; no query per input attribute (see :meth:`ManyInputs.on_create`)
+        stored_hash = node.base.caching.get_hash()
+        computed = node.base.caching.compute_hash()
     if stored_hash != computed:
         raise EngineCheckError(
             f'{node} was stored with the hash {stored_hash}, but its inputs and attributes hash to {computed}: '
@@ -159,16 +166,35 @@ class ManyInputs:
         earlier_inputs = sum(triple.link_type in INPUT_LINK_TYPES for triple in existing)
         self.__dict__['_mlworkbench_inputs'] = earlier_inputs + len(triples)
 
+    def _many_inputs(self) -> list[orm.Data] | None:
+        """The input nodes if this process is one this module handles (many inputs, module on), else ``None``.
+
+        Read from the raw inputs, which exist before aiida-core parses them when the process is created.
+        """
+        inputs = list(_data_nodes(self.raw_inputs or {}))  # type: ignore[attr-defined]
+        if len(inputs) < MANY_INPUTS or not acceleration_enabled():
+            return None
+        return inputs
+
     def on_create(self) -> None:
         """Create the process as aiida-core does, then check what :meth:`_setup_inputs` stored.
 
-        A node that fails the check stays in the graph as an excepted, sealed process with the check's message, so
-        that it is neither run nor taken as a cache source.
+        The node, its links and its hash are stored in one transaction, after the inputs were read back in one query
+        (:func:`load_together`): aiida-core hashes every input again when it hashes the process, and outside a
+        transaction each of those reads is a query of its own. A node that fails the check stays in the graph as an
+        excepted, sealed process with the check's message, so that it is neither run nor taken as a cache source.
         """
-        super().on_create()  # type: ignore[misc]
+        inputs = self._many_inputs()
+        if inputs is None:
+            super().on_create()  # type: ignore[misc]
+            return
+        load_together(inputs)
+        with inputs[0].backend.transaction():
+            super().on_create()  # type: ignore[misc]
         n_inputs = self.__dict__.get('_mlworkbench_inputs')
         if n_inputs is None or not self.node.is_stored:
             return
+        load_together(inputs)  # the transaction's commit made the session forget them again
         try:
             check_stored_inputs(self.node, n_inputs)
         except EngineCheckError as exception:
@@ -176,6 +202,61 @@ class ManyInputs:
             self.node.set_process_state(engine.ProcessState.EXCEPTED)
             self.node.seal()
             raise
+
+    def encode_input_args(self, inputs: t.Any) -> t.Any:
+        """Encode inputs for a checkpoint as aiida-core does, but the process's own inputs only once.
+
+        aiida-core writes the inputs into every checkpoint twice (as given and as parsed), naming each input node by
+        its UUID and reading each node back from the database for it: for thousands of inputs, most of the cost of
+        every step. The inputs of a process never change, so the encoding of those two frozen mappings is kept and
+        reused (made after reading the nodes back in one query); anything else, such as the outputs, is encoded anew.
+        """
+        own = [known for known in (self.raw_inputs, self.inputs) if known is not None]  # type: ignore[attr-defined]
+        nodes = self._many_inputs()
+        if nodes is None or not any(inputs is known for known in own):
+            return super().encode_input_args(inputs)  # type: ignore[misc]
+        encoded = self.__dict__.setdefault('_mlworkbench_encoded', {})
+        cached = encoded.get(id(inputs))
+        if cached is None or cached[0] is not inputs:
+            load_together(nodes)
+            cached = encoded[id(inputs)] = (inputs, super().encode_input_args(inputs))  # type: ignore[misc]
+        return cached[1]
+
+
+def _data_nodes(inputs: collections.abc.Mapping[str, t.Any]) -> collections.abc.Iterator[orm.Data]:
+    for value in inputs.values():
+        if isinstance(value, orm.Data):
+            yield value
+        elif isinstance(value, collections.abc.Mapping):
+            yield from _data_nodes(value)
+
+
+def load_together(nodes: collections.abc.Sequence[orm.Node]) -> None:
+    """Read the database rows of the stored ``nodes`` back in a few queries, into the session's existing objects.
+
+    After every commit, aiida-core's session forgets what it read (SQLAlchemy's ``expire_on_commit``), and the next
+    access to each node reads its row with a query of its own. This loads the rows of all nodes at once instead. It
+    only reads: the objects' state is the database's, as the per-node queries would have made it.
+
+    :raises EngineCheckError: if aiida-core's storage no longer exposes what this needs (the session and the
+        SQLAlchemy model of a node).
+    """
+    by_backend: dict[int, tuple[t.Any, t.Any, list[int]]] = {}
+    for node in nodes:
+        try:
+            model = node.backend_entity.bare_model
+            session = node.backend.get_session()  # type: ignore[attr-defined]
+            identity = sqlalchemy.inspect(model).identity  # known without a query, also when expired
+        except (AttributeError, sqlalchemy.exc.NoInspectionAvailable) as exception:
+            raise EngineCheckError(f'cannot read the inputs in one query: {exception}. {_switch_off_hint()}') from None
+        if identity is None:  # not stored
+            continue
+        entry = by_backend.setdefault(id(session), (session, type(model), []))
+        entry[2].append(identity[0])
+    for session, model_class, ids in by_backend.values():
+        for start in range(0, len(ids), LOAD_CHUNK):
+            statement = sqlalchemy.select(model_class).where(model_class.id.in_(ids[start : start + LOAD_CHUNK]))
+            session.execute(statement).scalars().all()
 
 
 def calcfunction_with_many_inputs(function: F) -> F:

@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import collections
 import collections.abc
+import contextlib
+import contextvars
 import dataclasses
 import enum
+import functools
 import typing as t
 
 import ase
@@ -236,11 +239,92 @@ def _as_structure(host: orm.StructureData | ase.Atoms) -> orm.StructureData:
     raise TypeError(f'host must be a StructureData or ase.Atoms, got {type(host).__name__}.')
 
 
+class _HostReading:
+    """What the cluster functions read from a host ``StructureData``, each read once.
+
+    A ``StructureData`` builds its sites and kinds anew from its attributes on every access; a host is shared by
+    hundreds of embeddings, so inside :func:`reading_hosts` each host is read once (see :func:`_read_host`).
+    """
+
+    def __init__(self, host: orm.StructureData) -> None:
+        self.host = host
+        self.cell = np.array(host.cell, dtype=float)
+        self.pbc = tuple(bool(flag) for flag in host.pbc)
+        self.kinds = {kind.name: kind for kind in host.kinds}
+        sites = host.sites
+        self.site_kinds = [site.kind_name for site in sites]
+        self.positions = np.array([site.position for site in sites], dtype=float).reshape(len(sites), 3)
+        self.n_sites = len(sites)
+
+    @functools.cached_property
+    def alat(self) -> float:
+        from masci_tools.io.common_functions import get_alat_from_bravais
+
+        return float(get_alat_from_bravais(self.cell.copy(), self.pbc[2]))
+
+    @functools.cached_property
+    def atomic_numbers(self) -> np.ndarray | ValueError:
+        """The atomic numbers of the sites, or the error that says why the host has none."""
+        numbers = np.empty(self.n_sites, dtype=int)
+        for index, kind_name in enumerate(self.site_kinds):
+            kind = self.kinds[kind_name]
+            if is_empty_sphere(kind):
+                numbers[index] = 0
+            elif kind.is_alloy or kind.has_vacancies:
+                return ValueError(
+                    f'host site {index} has kind {kind.name!r} ({kind.get_symbols_string()}): a CPA/VCA site, partly '
+                    'occupied or an alloy, is not a single atom and cannot be part of an impurity cluster.'
+                )
+            else:
+                try:
+                    numbers[index] = _atomic_number(_ATOMIC_NUMBERS[kind.symbols[0]], f'host kind {kind.name!r}')
+                except ValueError as exception:
+                    return exception
+        numbers.setflags(write=False)
+        return numbers
+
+    @functools.cached_property
+    def fingerprint(self) -> tuple:
+        """A hashable summary of everything ``create_scoef_array`` reads from the host."""
+        kinds = {name: (kind.symbols, kind.weights) for name, kind in self.kinds.items()}
+        sites = tuple(
+            (tuple(position), kinds[kind_name])
+            for position, kind_name in zip(self.positions.tolist(), self.site_kinds, strict=True)
+        )
+        return (tuple(map(tuple, self.cell.tolist())), self.pbc, sites)
+
+
+_HOST_READINGS: contextvars.ContextVar[dict[int, _HostReading] | None] = contextvars.ContextVar(
+    'aiida_mlworkbench_host_readings', default=None
+)
+
+
+@contextlib.contextmanager
+def reading_hosts() -> collections.abc.Iterator[None]:
+    """Within this context each host ``StructureData`` is read once, however many embeddings share it.
+
+    Only for hosts that are not changed inside the context (the cluster extraction works on its own copies).
+    """
+    token = _HOST_READINGS.set({})
+    try:
+        yield
+    finally:
+        _HOST_READINGS.reset(token)
+
+
+def _read_host(host: orm.StructureData) -> _HostReading:
+    readings = _HOST_READINGS.get()
+    if readings is None:
+        return _HostReading(host)
+    reading = readings.get(id(host))
+    if reading is None or reading.host is not host:
+        reading = readings[id(host)] = _HostReading(host)
+    return reading
+
+
 def host_alat(host: orm.StructureData) -> float:
     """Return aiida-kkr's lattice constant ``alat`` of the host in Angstrom: the unit of ``scoef`` and ``imp_cls``."""
-    from masci_tools.io.common_functions import get_alat_from_bravais
-
-    return float(get_alat_from_bravais(np.array(host.cell), host.pbc[2]))
+    return _read_host(host).alat
 
 
 def is_empty_sphere(kind: orm.Kind) -> bool:
@@ -254,20 +338,10 @@ def host_site_atomic_numbers(host: orm.StructureData) -> np.ndarray:
 
     :raises ValueError: if a site is an alloy or partly vacant (CPA/VCA): such a site is not one atom.
     """
-    numbers = np.empty(len(host.sites), dtype=int)
-    kinds = {kind.name: kind for kind in host.kinds}
-    for index, site in enumerate(host.sites):
-        kind = kinds[site.kind_name]
-        if is_empty_sphere(kind):
-            numbers[index] = 0
-        elif kind.is_alloy or kind.has_vacancies:
-            raise ValueError(
-                f'host site {index} has kind {kind.name!r} ({kind.get_symbols_string()}): a CPA/VCA site, partly '
-                'occupied or an alloy, is not a single atom and cannot be part of an impurity cluster.'
-            )
-        else:
-            numbers[index] = _atomic_number(_ATOMIC_NUMBERS[kind.symbols[0]], f'host kind {kind.name!r}')
-    return numbers
+    numbers = _read_host(host).atomic_numbers
+    if isinstance(numbers, ValueError):
+        raise ValueError(str(numbers))
+    return numbers.copy()
 
 
 def _atomic_numbers() -> dict[str, int]:
@@ -279,13 +353,6 @@ def _atomic_numbers() -> dict[str, int]:
 _ATOMIC_NUMBERS = _atomic_numbers()
 
 
-def _host_fingerprint(host: orm.StructureData) -> tuple:
-    """Return a hashable summary of everything ``create_scoef_array`` reads from a host."""
-    kinds = {kind.name: (kind.symbols, kind.weights) for kind in host.kinds}
-    sites = tuple((tuple(site.position), kinds[site.kind_name]) for site in host.sites)
-    return (tuple(map(tuple, host.cell)), tuple(host.pbc), sites)
-
-
 _scoef_cache: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
 
 
@@ -293,7 +360,7 @@ def _cached_scoef_rows(host: orm.StructureData, rcut: float, hcut: float, orient
     """Return ``create_scoef_array`` of the host, from a least-recently-used cache keyed by geometry and cutoff."""
     from aiida_kkr.tools.tools_kkrimp import create_scoef_array
 
-    key = (_host_fingerprint(host), rcut, hcut, orient, center)
+    key = (_read_host(host).fingerprint, rcut, hcut, orient, center)
     rows = _scoef_cache.get(key)
     if rows is None:
         rows = create_scoef_array(host, rcut, hcut, list(orient), center)
@@ -329,11 +396,12 @@ def estimate_cluster_size(
     """
     if impurity_info.is_explicit_cluster:
         return ClusterSize(float(len(impurity_info.imp_cls or ())), 0)
-    cell = np.array(host.cell, dtype=float)
-    n_host_sites = len(host.sites)
+    reading = _read_host(host)
+    cell = reading.cell
+    n_host_sites = reading.n_sites
     lengths = np.linalg.norm(cell, axis=1)
-    if not host.pbc[2]:  # as find_neighbors: the third vector spans the sites' height plus 10 Angstrom
-        positions = np.array([site.position for site in host.sites], dtype=float)
+    if not reading.pbc[2]:  # as find_neighbors: the third vector spans the sites' height plus 10 Angstrom
+        positions = reading.positions
         top = positions[positions[:, 2] == positions[:, 2].max()][0].copy()
         top[2] += 10
         lengths[2] = float(np.sum(np.abs(top)))
@@ -378,8 +446,8 @@ def check_cluster_size(
         name = 'MAX_CYLINDER_SEARCH_SITES' if size.cylinder else 'MAX_SEARCH_SITES'
         raise ClusterTooLargeError(
             f"{rcut}{' with hcut' if size.cylinder else ''} makes aiida-kkr's neighbour search generate about "
-            f'{size.n_search_sites:.3g} candidate sites in this host ({len(host.sites)} sites per cell), more than the '
-            f'limit of {limit} (aiida_mlworkbench.kkr.geometry.{name}): use a smaller Rcut'
+            f'{size.n_search_sites:.3g} candidate sites in this host ({_read_host(host).n_sites} sites per cell), more '
+            f'than the limit of {limit} (aiida_mlworkbench.kkr.geometry.{name}): use a smaller Rcut'
             f'{" or hcut" if size.cylinder else ""}, or a host cell with fewer sites.'
         )
     return size
@@ -407,10 +475,11 @@ def check_embedding(
     info = parse_impurity_info(impurity_info)
     structure = _as_structure(host)
     host_site_atomic_numbers(structure)
-    if not info.is_explicit_cluster and info.ilayer_center >= len(structure.sites):
+    n_sites = _read_host(structure).n_sites
+    if not info.is_explicit_cluster and info.ilayer_center >= n_sites:
         raise ValueError(
             f"impurity_info 'ilayer_center' is {info.ilayer_center} but the host has only "
-            f'{len(structure.sites)} sites (0 to {len(structure.sites) - 1}).'
+            f'{n_sites} sites (0 to {n_sites - 1}).'
         )
     check_cluster_size(structure, info, unit)
     return info
@@ -427,10 +496,11 @@ def scoef_rows(
     if impurity_info.is_explicit_cluster:
         return np.array(impurity_info.imp_cls, dtype=float)
 
-    if impurity_info.ilayer_center >= len(host.sites):
+    n_sites = _read_host(host).n_sites
+    if impurity_info.ilayer_center >= n_sites:
         raise ValueError(
             f"impurity_info 'ilayer_center' is {impurity_info.ilayer_center} but the host has only "
-            f'{len(host.sites)} sites (0 to {len(host.sites) - 1}).'
+            f'{n_sites} sites (0 to {n_sites - 1}).'
         )
     scale = host_alat(host) if RcutUnit(rcut_unit) is RcutUnit.ALAT else 1.0
     hcut = impurity_info.hcut * scale if impurity_info.hcut > 0 else impurity_info.hcut
