@@ -67,7 +67,9 @@ class SpeciesAwareSOAP(Descriptor):
     :param dtype: ``'float64'`` or ``'float32'``.
     :param n_jobs: processes used by :meth:`iter_blocks`; it changes the speed, never the values, and is therefore not
         part of :attr:`parameters`. ``-1`` means all cores. Each worker process costs about 3 s of CPU to start (it
-        imports DScribe, which imports scikit-learn); joblib keeps the workers for later calls in the same process.
+        imports DScribe, which imports scikit-learn); the workers are stopped when :meth:`iter_blocks` ends, so that
+        no idle process holds memory after featurization, and this process computes blocks itself while new ones
+        start.
         On the 2-core development machine, busy with other work while measured (``benchmarks/featurization_speed.py``),
         2 jobs were at best 1.3 to 1.9x faster than 1 (warm workers, N = 1752) and often slower, because there was no
         idle core to use. Hence the default of 1; try 2 where a core is free and runs are long.
@@ -217,7 +219,7 @@ class SpeciesAwareSOAP(Descriptor):
         if n_workers < 1:
             yield from self._iter_blocks_serially(structures, block_size)
             return
-        executor = get_reusable_executor(max_workers=n_workers)  # Kept alive across calls, as joblib does.
+        executor = get_reusable_executor(max_workers=n_workers)
         parameters = json.dumps(self.parameters, sort_keys=True)
         starts = range(0, len(structures), block_size)
         max_computed_ahead = 4 * self.n_jobs
@@ -247,6 +249,9 @@ class SpeciesAwareSOAP(Descriptor):
         finally:
             for future in submitted.values():
                 future.cancel()
+            # Stop the workers: idle, each would keep its memory until loky's idle timeout, beside whatever this
+            # process does next (training, in a work chain). The next call starts new ones without waiting for them.
+            executor.shutdown(wait=True)
 
     def _iter_blocks_serially(
         self, structures: Sequence[ase.Atoms], block_size: int

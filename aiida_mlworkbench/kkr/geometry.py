@@ -56,6 +56,7 @@ __all__ = (
     'host_site_atomic_numbers',
     'impurity_cluster',
     'parse_impurity_info',
+    'reading_hosts',
 )
 
 MAX_CLUSTER_ATOMS = 2000
