@@ -20,7 +20,7 @@ from aiida.common.links import validate_link_label
 from aiida.engine import ExitCode, Process, calcfunction
 
 from aiida_mlworkbench.data.impurity_clusters import HostCrystal, ImpurityClusters
-from aiida_mlworkbench.engine import calcfunction_with_many_inputs
+from aiida_mlworkbench.engine import calcfunction_with_many_inputs, load_together
 from aiida_mlworkbench.kkr.geometry import (
     ClusterTooLargeError,
     RcutUnit,
@@ -50,6 +50,9 @@ EXIT_CODES = {
 }
 
 Pair = tuple[orm.StructureData, orm.Dict]
+
+_QUERY_CHUNK = 5000
+"""Nodes read per query (below SQLite's limit of bound parameters)."""
 
 
 def embedding_key(index: int) -> str:
@@ -244,16 +247,32 @@ def check_embeddings(
     """
     copies = _Hosts()
     check = impurity_cluster if build else check_embedding
+    contents = _dict_contents([impurity_info for _, _, impurity_info, _ in embeddings])
     with reading_hosts():  # the copies are read once each, however many embeddings share them
-        for name, host, impurity_info, rcut_unit in embeddings:
+        for (name, host, impurity_info, rcut_unit), content in zip(embeddings, contents, strict=True):
             try:
-                check(copies(host), impurity_info.get_dict(), RcutUnit.ANGSTROM if rcut_unit is None else rcut_unit)
+                check(copies(host), content, RcutUnit.ANGSTROM if rcut_unit is None else rcut_unit)
             except ValueError as exception:
                 error = ClusterTooLargeError if isinstance(exception, ClusterTooLargeError) else ValueError
                 raise error(
                     f'{name} (host {host.get_formula()} <{host.uuid}>, impurity_info <{impurity_info.uuid}>): '
                     f'{exception}'
                 ) from exception
+
+
+def _dict_contents(nodes: collections.abc.Sequence[orm.Dict]) -> list[dict[str, t.Any]]:
+    """The content of each ``Dict``, the stored ones read with a few queries: ``get_dict()`` of a stored node reads it
+    from the database each time, a query per node."""
+    load_together(nodes)  # their rows, so that asking each whether it is stored and for its pk takes no query
+    pks = [node.pk if node.is_stored else None for node in nodes]
+    stored_pks = [pk for pk in pks if pk is not None]
+    stored: dict[int, dict[str, t.Any]] = {}
+    for start in range(0, len(stored_pks), _QUERY_CHUNK):
+        builder = orm.QueryBuilder().append(
+            orm.Dict, filters={'id': {'in': stored_pks[start : start + _QUERY_CHUNK]}}, project=['id', 'attributes']
+        )
+        stored.update(builder.all())
+    return [node.get_dict() if pk is None else stored[pk] for node, pk in zip(nodes, pks, strict=True)]
 
 
 def embedding_inputs(

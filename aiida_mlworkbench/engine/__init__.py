@@ -238,9 +238,13 @@ def load_together(nodes: collections.abc.Sequence[orm.Node]) -> None:
     access to each node reads its row with a query of its own. This loads the rows of all nodes at once instead. It
     only reads: the objects' state is the database's, as the per-node queries would have made it.
 
+    Does nothing when the module is switched off (:func:`acceleration_enabled`).
+
     :raises EngineCheckError: if aiida-core's storage no longer exposes what this needs (the session and the
         SQLAlchemy model of a node).
     """
+    if not acceleration_enabled():
+        return
     by_backend: dict[int, tuple[t.Any, t.Any, list[int]]] = {}
     for node in nodes:
         try:
