@@ -12,7 +12,14 @@ from aiida_mlworkbench.calcfunctions.lattice import DEFAULT_SYMPREC, check_sympr
 from aiida_mlworkbench.calcfunctions.learning_inputs import CalcfunctionInputError
 from aiida_mlworkbench.data import CorruptedClustersError, ImpurityClusters
 
-__all__ = ('EXIT_CODES', 'TargetValuesError', 'check_target_values', 'host_lattice_targets', 'targets_from_values')
+__all__ = (
+    'EXIT_CODES',
+    'TargetValuesError',
+    'check_target_values',
+    'host_lattice_targets',
+    'kkr_result_targets',
+    'targets_from_values',
+)
 
 EXIT_CODES = {
     'no_hosts': ExitCode(
@@ -26,6 +33,10 @@ EXIT_CODES = {
     'invalid_symprec': ExitCode(354, 'symprec must be a positive finite distance in Angstrom (e.g. 1e-3), got {value}'),
     'unclassifiable_host': ExitCode(355, 'the lattice type of host `{label}` cannot be found: {detail}'),
     'corrupted_clusters': ExitCode(356, 'the clusters cannot be read: {detail}'),
+    'invalid_kkr_target': ExitCode(357, 'invalid KKR target: {detail}'),
+    'missing_kkr_result': ExitCode(358, '{detail}'),
+    'no_kkr_results': ExitCode(359, 'no row of {clusters} has a usable KKR result: {detail}'),
+    'invalid_kkr_results': ExitCode(360, 'invalid results: {detail}'),
 }
 
 
@@ -128,3 +139,110 @@ def targets_from_values(values: orm.List) -> orm.ArrayData:
     if task == 'classification':
         targets.base.attributes.set('classes', sorted(set(items)))
     return targets
+
+
+def _describe_run(parameters: orm.Dict) -> str:
+    creator = parameters.creator
+    return f'{creator.process_label}<{creator.pk}>' if creator is not None else f'output_parameters<{parameters.pk}>'
+
+
+@calcfunction
+def kkr_result_targets(
+    clusters: ImpurityClusters, target: orm.Dict, **results: t.Any
+) -> dict[str, orm.Data] | ExitCode:
+    """The target of each row from what juKKR computed for its embedding: a quantity of the ``output_parameters`` of
+    its ``KkrimpCalculation`` runs, given as ``results.<row key>.c<i>`` (oldest run first;
+    :func:`~aiida_mlworkbench.kkr.results.kkr_target_inputs` finds them in the graph).
+
+    ``target`` is a :class:`~aiida_mlworkbench.kkr.results.KkrTarget` specification. Of several runs of an embedding
+    the last converged one counts (``calculations: 'last'``: the last one); a row without a usable value is an error
+    naming the embedding and the calculation (exit code 358), or, with ``missing: 'drop'``, left out and recorded.
+
+    :returns: ``targets`` (array ``targets``, one value per kept row; attributes: the quantity, its key path and unit,
+        the task, the policies, the UUID of the ``output_parameters`` of each kept row and the dropped rows with the
+        reason) and, if rows were dropped, ``clusters``: the kept rows, to featurize instead of the input clusters.
+    """
+    from aiida_mlworkbench.kkr.results import KkrTarget, KkrTargetError, is_converged
+
+    try:
+        specification = KkrTarget.from_dict(target.get_dict())
+    except KkrTargetError as exception:
+        return EXIT_CODES['invalid_kkr_target'].format(detail=str(exception))
+    runs_of = results.get('results', {}) if set(results) <= {'results'} else None
+    try:
+        keys = clusters.keys
+    except CorruptedClustersError as exception:
+        return EXIT_CODES['corrupted_clusters'].format(detail=str(exception))
+    if runs_of is None or not all(isinstance(runs, dict) for runs in runs_of.values()):
+        return EXIT_CODES['invalid_kkr_results'].format(
+            detail=f'give the namespace `results` only (results.<row key>.c<i>: Dict), not {sorted(results)}'
+        )
+    stray = sorted(set(runs_of) - set(keys))
+    if stray:
+        return EXIT_CODES['invalid_kkr_results'].format(detail=f'results of no row of {clusters}: {stray[:5]}')
+
+    values: list[t.Any] = []
+    rows: list[int] = []
+    sources: list[str] = []
+    units: set[str | None] = set()
+    dropped: list[dict[str, str]] = []
+    for row, key in enumerate(keys):
+        runs = [runs_of.get(key, {})[label] for label in sorted(runs_of.get(key, {}), key=lambda name: int(name[1:]))]
+        if specification.calculations == 'last_converged':
+            usable = [run for run in runs if is_converged(run.get_dict())]
+            why = f'none of its {len(runs)} calculation(s) converged' if runs else 'no KkrimpCalculation ran it'
+        else:
+            usable, why = runs, 'no KkrimpCalculation ran it'
+        problem = None
+        if usable:
+            chosen = usable[-1]
+            content = chosen.get_dict()
+            try:
+                values.append(specification.value_of(content))
+            except (KeyError, TypeError) as exception:
+                problem = f'{_describe_run(chosen)} has {str(exception).strip(chr(34))}'
+            else:
+                rows.append(row)
+                sources.append(chosen.uuid)
+                units.add(specification.unit_of(content))
+        else:
+            problem = why
+        if problem is None:
+            continue
+        if specification.missing == 'error':
+            unconverged = " or calculations: 'last' to use unconverged runs" if 'converged' in problem else ''
+            return EXIT_CODES['missing_kkr_result'].format(
+                detail=f"row {row} (embedding {key}) has no value of '{specification.quantity}': {problem}. Use "
+                f"missing: 'drop' to leave such rows out{unconverged}."
+            )
+        dropped.append({'key': key, 'reason': problem})
+
+    if not rows:
+        return EXIT_CODES['no_kkr_results'].format(
+            clusters=clusters, detail=dropped[0]['reason'] if dropped else 'it has no rows'
+        )
+    if len(units) > 1:
+        return EXIT_CODES['invalid_kkr_results'].format(
+            detail=f"the runs give '{specification.quantity}' in different units {sorted(map(str, units))}"
+        )
+    task = specification.task
+    targets = orm.ArrayData()
+    targets.set_array('targets', np.array(values, dtype=str if task == 'classification' else float))
+    attributes: dict[str, t.Any] = {
+        'target': 'kkr',
+        'task': task,
+        'quantity': specification.quantity,
+        'path': '.'.join(specification.path),
+        'unit': units.pop(),
+        'calculations': specification.calculations,
+        'missing': specification.missing,
+        'sources': sources,
+        'dropped': dropped,
+    }
+    if task == 'classification':
+        attributes['classes'] = sorted(set(values))
+    targets.base.attributes.set_many(attributes)
+    outputs: dict[str, orm.Data] = {'targets': targets}
+    if dropped:
+        outputs['clusters'] = clusters.subset(rows)
+    return outputs

@@ -179,22 +179,28 @@ class ManyInputs:
     def on_create(self) -> None:
         """Create the process as aiida-core does, then check what :meth:`_setup_inputs` stored.
 
-        The node, its links and its hash are stored in one transaction, after the inputs were read back in one query
-        (:func:`load_together`): aiida-core hashes every input again when it hashes the process, and outside a
-        transaction each of those reads is a query of its own. A node that fails the check stays in the graph as an
-        excepted, sealed process with the check's message, so that it is neither run nor taken as a cache source.
+        The inputs are read back in one query first (:func:`load_together`). On PostgreSQL, aiida-core then stores the
+        node, its links and its hash in one transaction, inside which it does not read every attribute of every input
+        from the database again while it hashes them. On SQLite it stores them in its own short transactions: one
+        long write transaction holds SQLite's lock on the whole database, and other daemon workers writing at the same
+        time fail with "database is locked" (see :func:`_locks_whole_database`). A node that fails the check stays
+        in the graph as an excepted, sealed process with the check's message, so that it is neither run nor taken as
+        a cache source.
         """
         inputs = self._many_inputs()
         if inputs is None:
             super().on_create()  # type: ignore[misc]
             return
         load_together(inputs)
-        with inputs[0].backend.transaction():
+        if _locks_whole_database(inputs[0]):
             super().on_create()  # type: ignore[misc]
+        else:
+            with inputs[0].backend.transaction():
+                super().on_create()  # type: ignore[misc]
         n_inputs = self.__dict__.get('_mlworkbench_inputs')
         if n_inputs is None or not self.node.is_stored:
             return
-        load_together(inputs)  # the transaction's commit made the session forget them again
+        load_together(inputs)  # the commits of the store made the session forget them again
         try:
             check_stored_inputs(self.node, n_inputs)
         except EngineCheckError as exception:
@@ -221,6 +227,18 @@ class ManyInputs:
             load_together(nodes)
             cached = encoded[id(inputs)] = (inputs, super().encode_input_args(inputs))  # type: ignore[misc]
         return cached[1]
+
+
+def _locks_whole_database(node: orm.Node) -> bool:
+    """Whether the node's storage locks the whole database for a write transaction (SQLite), as far as can be told.
+
+    A write transaction on SQLite that reads before it writes can deadlock with another connection's, and SQLite then
+    fails one of them at once; PostgreSQL locks rows. Unknown storage counts as SQLite.
+    """
+    try:
+        return node.backend.get_session().get_bind().dialect.name != 'postgresql'  # type: ignore[attr-defined]
+    except AttributeError:
+        return True
 
 
 def _data_nodes(inputs: collections.abc.Mapping[str, t.Any]) -> collections.abc.Iterator[orm.Data]:
