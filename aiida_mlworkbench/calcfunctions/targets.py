@@ -200,7 +200,7 @@ def kkr_result_targets(
             try:
                 values.append(specification.value_of(content))
             except (KeyError, TypeError) as exception:
-                problem = f'{_describe_run(chosen)} has {str(exception).strip(chr(34))}'
+                problem = f'{_describe_run(chosen)}: {str(exception).strip(chr(34))}'
             else:
                 rows.append(row)
                 sources.append(chosen.uuid)
