@@ -17,7 +17,7 @@ import typing as t
 import ase
 from aiida import orm
 from aiida.common.links import validate_link_label
-from aiida.engine import ExitCode, Process, calcfunction
+from aiida.engine import ExitCode, calcfunction
 
 from aiida_mlworkbench.data.impurity_clusters import HostCrystal, ImpurityClusters
 from aiida_mlworkbench.engine import calcfunction_with_many_inputs, load_together
@@ -124,7 +124,7 @@ def extract_impurity_clusters(**namespaces: t.Any) -> dict[str, ImpurityClusters
             except ValueError as exception:
                 return EXIT_CODES['invalid_embedding'].format(key=f's of host {host_key}', detail=str(exception))
         clusters: list[ase.Atoms] = []
-        info_dicts = _impurity_info_dicts(impurity_infos)
+        info_dicts = dict(zip(keys, _dict_contents([impurity_infos[key] for key in keys]), strict=True))
         for key in keys:
             try:
                 host = copies[host_of[key]]
@@ -133,21 +133,6 @@ def extract_impurity_clusters(**namespaces: t.Any) -> dict[str, ImpurityClusters
                 return _embedding_exit_code(exception, key)
     node = ImpurityClusters(clusters, keys=keys, hosts=crystals, host_of=[host_index[host_of[key]] for key in keys])
     return {'clusters': node}
-
-
-def _impurity_info_dicts(impurity_infos: collections.abc.Mapping[str, orm.Dict]) -> dict[str, dict[str, t.Any]]:
-    """The content of each ``impurity_info`` by embedding key, read in one query over the input links of the running
-    extraction: ``get_dict()`` of each stored node would be a query of its own, thousands per database."""
-    process = Process.current()
-    if process is None or not process.node.is_stored:
-        return {key: node.get_dict() for key, node in impurity_infos.items()}
-    builder = orm.QueryBuilder().append(orm.CalcFunctionNode, filters={'id': process.node.pk}, tag='process')
-    builder.append(orm.Dict, with_outgoing='process', project='attributes', edge_project='label')
-    prefix = 'impurity_infos__'
-    read = {label[len(prefix) :]: attributes for attributes, label in builder.iterall() if label.startswith(prefix)}
-    if set(read) != set(impurity_infos):  # not linked as this function links them: read each node
-        return {key: node.get_dict() for key, node in impurity_infos.items()}
-    return read
 
 
 def _input_problem(namespaces: collections.abc.Mapping[str, t.Any]) -> str | None:
