@@ -179,24 +179,20 @@ class ManyInputs:
     def on_create(self) -> None:
         """Create the process as aiida-core does, then check what :meth:`_setup_inputs` stored.
 
-        The inputs are read back in one query first (:func:`load_together`). On PostgreSQL, aiida-core then stores the
-        node, its links and its hash in one transaction, inside which it does not read every attribute of every input
-        from the database again while it hashes them. On SQLite it stores them in its own short transactions: one
-        long write transaction holds SQLite's lock on the whole database, and other daemon workers writing at the same
-        time fail with "database is locked" (see :func:`_locks_whole_database`). A node that fails the check stays
-        in the graph as an excepted, sealed process with the check's message, so that it is neither run nor taken as
-        a cache source.
+        The inputs are read back in one query first (:func:`load_together`). aiida-core then stores the node, its
+        links and its hash in one transaction, inside which it does not read every attribute of every input from the
+        database again while it hashes them; on SQLite that transaction takes the write lock first
+        (:func:`_take_write_lock`). A node that fails the check stays in the graph as an excepted, sealed process with
+        the check's message, so that it is neither run nor taken as a cache source.
         """
         inputs = self._many_inputs()
         if inputs is None:
             super().on_create()  # type: ignore[misc]
             return
         load_together(inputs)
-        if _locks_whole_database(inputs[0]):
+        with inputs[0].backend.transaction():
+            _take_write_lock(inputs[0])
             super().on_create()  # type: ignore[misc]
-        else:
-            with inputs[0].backend.transaction():
-                super().on_create()  # type: ignore[misc]
         n_inputs = self.__dict__.get('_mlworkbench_inputs')
         if n_inputs is None or not self.node.is_stored:
             return
@@ -229,16 +225,25 @@ class ManyInputs:
         return cached[1]
 
 
-def _locks_whole_database(node: orm.Node) -> bool:
-    """Whether the node's storage locks the whole database for a write transaction (SQLite), as far as can be told.
+def _take_write_lock(node: orm.Node) -> None:
+    """On SQLite, take the database's write lock now, at the start of the open transaction, waiting for it if need be.
 
-    A write transaction on SQLite that reads before it writes can deadlock with another connection's, and SQLite then
-    fails one of them at once; PostgreSQL locks rows. Unknown storage counts as SQLite.
+    SQLite locks the whole database for writing. A transaction that reads before it writes holds a read lock when it
+    asks for the write lock, and if another connection is writing at that moment, SQLite fails one of the two at once
+    with "database is locked" instead of letting it wait (it would be a deadlock). A write that changes no row, as the
+    first statement, makes the transaction ask for the write lock before any read, and so wait like any other writer.
+    PostgreSQL locks rows: nothing to do there.
+
+    :raises EngineCheckError: if the storage does not expose its SQLAlchemy session and node model.
     """
     try:
-        return node.backend.get_session().get_bind().dialect.name != 'postgresql'  # type: ignore[attr-defined]
-    except AttributeError:
-        return True
+        session = node.backend.get_session()  # type: ignore[attr-defined]
+        model_class = type(node.backend_entity.bare_model)
+        dialect = session.get_bind().dialect.name
+    except AttributeError as exception:
+        raise EngineCheckError(f'cannot take the write lock: {exception}. {_switch_off_hint()}') from None
+    if dialect == 'sqlite':
+        session.execute(sqlalchemy.update(model_class).where(sqlalchemy.false()).values(id=model_class.id))
 
 
 def _data_nodes(inputs: collections.abc.Mapping[str, t.Any]) -> collections.abc.Iterator[orm.Data]:
