@@ -140,6 +140,19 @@ def fresh_profile(aiida_profile, make_profile):
     return factory
 
 
+@pytest.fixture
+def run_cli(aiida_profile):
+    """Run ``aiida-mlworkbench`` with the test profile and return the click result."""
+    from click.testing import CliRunner
+
+    from aiida_mlworkbench.cli import cmd_root
+
+    def run(*arguments: str):
+        return CliRunner().invoke(cmd_root, ['-p', aiida_profile.name, *arguments], catch_exceptions=False)
+
+    return run
+
+
 @pytest.fixture(scope='session')
 def kkr_archives_dir() -> pathlib.Path:
     """The folder of real aiida-kkr export archives shared with this repository (``../shared/data/...``)."""

@@ -7,20 +7,8 @@ import uuid
 import pytest
 from aiida import orm
 from ase.data import atomic_numbers
-from click.testing import CliRunner
 
-from aiida_mlworkbench.cli import cmd_root
 from aiida_mlworkbench.synthetic import iter_synthetic_embeddings, max_database_size, plan_synthetic_database
-
-
-@pytest.fixture
-def run_cli(aiida_profile):
-    """Run ``aiida-mlworkbench`` with the test profile and return the click result."""
-
-    def run(*arguments: str):
-        return CliRunner().invoke(cmd_root, ['-p', aiida_profile.name, *arguments], catch_exceptions=False)
-
-    return run
 
 
 def test_synthetic_create(run_cli):

@@ -7,10 +7,19 @@ code.
 
 from __future__ import annotations
 
+import typing as t
+
 import numpy as np
 from aiida import orm
 
-__all__ = ('CalcfunctionInputError', 'LearningInputError', 'split_arrays', 'target_array')
+__all__ = (
+    'TARGET_DESCRIPTION',
+    'CalcfunctionInputError',
+    'LearningInputError',
+    'split_arrays',
+    'target_array',
+    'target_description',
+)
 
 
 class CalcfunctionInputError(ValueError):
@@ -100,3 +109,12 @@ def split_arrays(split: orm.ArrayData, n_rows: int, *, sides: tuple[str, ...]) -
             'invalid_split', 'rows are in both `train` and `test`: a model would be scored on its training data'
         )
     return arrays
+
+
+TARGET_DESCRIPTION = ('target', 'quantity', 'path', 'unit')
+"""Attributes of a targets node that say what was learned; the metrics, the predictions and the model repeat them."""
+
+
+def target_description(targets: orm.ArrayData) -> dict[str, t.Any]:
+    """What the targets are, as far as their node says: kind, quantity, key path, unit (:data:`TARGET_DESCRIPTION`)."""
+    return {key: targets.base.attributes.get(key) for key in TARGET_DESCRIPTION if key in targets.base.attributes}

@@ -8,7 +8,12 @@ import numpy as np
 from aiida import orm
 from aiida.engine import ExitCode, calcfunction
 
-from aiida_mlworkbench.calcfunctions.learning_inputs import LearningInputError, split_arrays, target_array
+from aiida_mlworkbench.calcfunctions.learning_inputs import (
+    LearningInputError,
+    split_arrays,
+    target_array,
+    target_description,
+)
 from aiida_mlworkbench.data import (
     CorruptedFeatureMatrixError,
     CorruptedModelError,
@@ -18,7 +23,15 @@ from aiida_mlworkbench.data import (
 )
 from aiida_mlworkbench.restricted_pickle import UnsafePickleError
 
-__all__ = ('EXIT_CODES', 'classification_metrics', 'regression_metrics', 'score_model')
+__all__ = (
+    'EXIT_CODES',
+    'classification_metrics',
+    'mean_baseline',
+    'prediction_pairs',
+    'regression_metrics',
+    'score_model',
+)
+
 
 EXIT_CODES = {
     'incompatible_features': ExitCode(330, 'the model cannot score these features: {detail}'),
@@ -88,6 +101,26 @@ def regression_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str, t.
     }
 
 
+def mean_baseline(truth: np.ndarray, train_truth: np.ndarray) -> dict[str, t.Any]:
+    """The regression metrics of predicting the mean of the training targets for every row: what a model must beat."""
+    baseline = regression_metrics(truth, np.full(truth.shape, float(np.mean(train_truth))))
+    baseline['predicted'] = float(np.mean(train_truth))
+    return baseline
+
+
+def prediction_pairs(
+    rows: np.ndarray, truth: np.ndarray, predicted: np.ndarray, description: dict[str, t.Any], task: str
+) -> orm.ArrayData:
+    """The predicted and true value of each test row: a parity plot or a confusion matrix needs the graph only."""
+    pairs = orm.ArrayData()
+    pairs.set_array('rows', np.asarray(rows, dtype=np.int64))
+    kind = str if task == 'classification' else float
+    pairs.set_array('true', np.asarray(truth).astype(kind))
+    pairs.set_array('predicted', np.asarray(predicted).astype(kind))
+    pairs.base.attributes.set_many({'task': task, 'set': 'test', **description})
+    return pairs
+
+
 @calcfunction
 def score_model(
     model: TrainedModel, features: SparseFeatureMatrix, targets: orm.ArrayData, split: orm.ArrayData
@@ -95,8 +128,10 @@ def score_model(
     """Score ``model`` on the ``test`` rows of ``split`` (and, for comparison, on the ``train`` rows).
 
     Outputs ``metrics`` (``Dict``: for classification accuracy, balanced accuracy, macro F1, per-class precision and
-    recall, the confusion matrix with class names; for regression MAE, RMSE and R2) and ``score`` (``Float``: the
-    test accuracy, or the test R2 for regression).
+    recall, the confusion matrix with class names; for regression MAE, RMSE and R2 beside the ``baseline`` of always
+    predicting the mean training target, in the unit of the targets), ``score`` (``Float``: the test accuracy, or the
+    test R2 for regression) and ``predictions`` (``ArrayData``: the arrays ``rows``, ``true`` and ``predicted`` of
+    the test rows, for a parity plot or a confusion matrix drawn from the graph alone).
 
     Every problem of the inputs is an exit code of :data:`EXIT_CODES`, never an exception: a model that the restricted
     loader refuses (334) or cannot read (335), a feature file that fails its checks (336), a split without integer row
@@ -132,7 +167,8 @@ def score_model(
     measure = classification_metrics if task == 'classification' else regression_metrics
     main = 'accuracy' if task == 'classification' else 'r2'
     try:
-        metrics = measure(labels[test], model.predict(features, rows=test))
+        predicted = model.predict(features, rows=test)
+        metrics = measure(labels[test], predicted)
         train_metrics = measure(labels[train], model.predict(features, rows=train))
     except CorruptedFeatureMatrixError as exception:
         return EXIT_CODES['corrupted_features'].format(
@@ -143,10 +179,18 @@ def score_model(
             detail=f'{type(exception).__name__}: {exception}. The model is inconsistent with itself or with these '
             'targets: retrain it on these features and targets.'
         )
+    description = target_description(targets)
     metrics.update(
         {'task': task, 'n_test': int(test.size), 'n_train': int(train.size), f'train_{main}': train_metrics[main]}
     )
+    if task == 'regression':
+        metrics['baseline'] = mean_baseline(labels[test], labels[train])
+    metrics.update(description)
     metrics = _finite_or_none(metrics)
     if metrics[main] is None:
         return EXIT_CODES['undefined_score'].format(name=main, n_test=int(test.size))
-    return {'metrics': orm.Dict(metrics), 'score': orm.Float(metrics[main])}
+    return {
+        'metrics': orm.Dict(metrics),
+        'score': orm.Float(metrics[main]),
+        'predictions': prediction_pairs(test, labels[test], predicted, description, task),
+    }

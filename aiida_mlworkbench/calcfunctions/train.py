@@ -13,7 +13,12 @@ import numpy as np
 from aiida import orm
 from aiida.engine import ExitCode, calcfunction
 
-from aiida_mlworkbench.calcfunctions.learning_inputs import LearningInputError, split_arrays, target_array
+from aiida_mlworkbench.calcfunctions.learning_inputs import (
+    LearningInputError,
+    split_arrays,
+    target_array,
+    target_description,
+)
 from aiida_mlworkbench.data import SparseFeatureMatrix, TrainedModel
 from aiida_mlworkbench.data.sparse_features import CorruptedFeatureMatrixError, plan_row_blocks
 from aiida_mlworkbench.estimators import (
@@ -145,4 +150,5 @@ def train_model(
         return EXIT_CODES['fit_failed'].format(estimator=estimator['estimator'], detail=str(exception))
     node = TrainedModel(model, descriptor=features.descriptor)
     node.base.attributes.set('training', options.as_dict())
+    node.base.attributes.set('target', target_description(targets))
     return node

@@ -3,7 +3,7 @@
 Every sub-command module is imported here so that it registers itself on :data:`cmd_root`.
 """
 
-from . import synthetic  # noqa: F401  (registers `aiida-mlworkbench synthetic`)
+from . import plot, synthetic  # noqa: F401  (register `aiida-mlworkbench plot` and `synthetic`)
 from .root import cmd_root
 
 __all__ = ('cmd_root',)

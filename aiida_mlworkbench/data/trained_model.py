@@ -113,8 +113,9 @@ class TrainedModel(Data):
 
     Queryable attributes: ``estimator_class`` (public class path, e.g. ``sklearn.svm.SVC``), ``final_estimator_class``
     (the last step of a pipeline, or the estimator itself), ``steps``, ``hyperparameters``, ``task``,
-    ``n_features_in``, ``classes``, ``versions``, ``checksum`` and ``descriptor`` (parameters of the features the model
-    was trained on, so that predicting on incompatible features fails clearly).
+    ``n_features_in``, ``classes``, ``versions``, ``checksum``, ``descriptor`` (parameters of the features the model
+    was trained on, so that predicting on incompatible features fails clearly) and, when ``train_model`` made it,
+    ``target`` (what it learned: kind, quantity, key path and unit, so that its predictions carry the unit).
     """
 
     FILENAME = 'model.pkl'
@@ -209,6 +210,10 @@ class TrainedModel(Data):
     @property
     def descriptor(self) -> dict[str, t.Any]:
         return self.base.attributes.get('descriptor', {})
+
+    @property
+    def target(self) -> dict[str, t.Any]:
+        return self.base.attributes.get('target', {})
 
     @property
     def versions(self) -> dict[str, str]:

@@ -36,8 +36,10 @@ __all__ = (
     'KkrResult',
     'KkrTarget',
     'KkrTargetError',
+    'find_embedding_results',
     'find_kkr_results',
     'kkr_target_inputs',
+    'results_inputs',
 )
 
 KKRIMP_PROCESS_TYPE = 'aiida.calculations:kkr.kkrimp'
@@ -306,7 +308,26 @@ def find_kkr_results(clusters: ImpurityClusters) -> dict[str, list[KkrResult]]:
             f'row keys {missing[:5]}.'
         )
     host_uuids = [clusters.hosts[index]['uuid'] for index in clusters.host_of]
-    candidates = _candidate_calculations(sorted({infos[key].pk for key in keys}))
+    runs = _runs_of([(host_uuid, infos[key]) for key, host_uuid in zip(keys, host_uuids, strict=True)])
+    return dict(zip(keys, runs, strict=True))
+
+
+def find_embedding_results(embeddings: collections.abc.Iterable[t.Any]) -> list[list[KkrResult]]:
+    """Return the ``KkrimpCalculation`` runs of each embedding, oldest first, in the order given.
+
+    :param embeddings: (host ``StructureData``, ``impurity_info`` ``Dict``) pairs or
+        :class:`~aiida_mlworkbench.kkr.ImpurityEmbedding` objects, as the work chain's builders take them.
+    """
+    pairs = []
+    for embedding in embeddings:
+        host, info = embedding if isinstance(embedding, tuple) else (embedding.host, embedding.impurity_info)
+        pairs.append((host.uuid, info))
+    return _runs_of(pairs)
+
+
+def _runs_of(embeddings: list[tuple[str, orm.Dict]]) -> list[list[KkrResult]]:
+    """The runs with ``output_parameters`` of each (host UUID, ``impurity_info``) embedding, oldest first."""
+    candidates = _candidate_calculations(sorted({info.pk for _, info in embeddings}))
     calculation_pks = sorted(set().union(*candidates.values())) if candidates else []
     calculations = {node.pk: node for node in _load(orm.CalcJobNode, calculation_pks)}
     parameters = _output_parameters(calculation_pks)
@@ -318,17 +339,26 @@ def find_kkr_results(clusters: ImpurityClusters) -> dict[str, list[KkrResult]]:
             embedding_of[pk] = resolver.resolve(calculation).key
         except ImpurityEmbeddingError:
             embedding_of[pk] = None
-    results: dict[str, list[KkrResult]] = {}
-    for key, host_uuid in zip(keys, host_uuids, strict=True):
-        info = infos[key]
+    found = []
+    for host_uuid, info in embeddings:
         runs = [
             calculations[pk]
             for pk in candidates[info.pk]
             if pk in parameters and embedding_of[pk] == (host_uuid, info.uuid)
         ]
         runs.sort(key=lambda node: (node.ctime, node.pk))
-        results[key] = [KkrResult(run, parameters[run.pk]) for run in runs]
-    return results
+        found.append([KkrResult(run, parameters[run.pk]) for run in runs])
+    return found
+
+
+def results_inputs(found: collections.abc.Mapping[str, list[KkrResult]]) -> dict[str, dict[str, orm.Dict]]:
+    """The ``results`` namespace of ``kkr_result_targets`` (``<row key>.c<i>``, oldest first) from runs by row key;
+    rows without a run have no entry."""
+    return {
+        key: {f'c{index}': result.output_parameters for index, result in enumerate(runs)}
+        for key, runs in found.items()
+        if runs
+    }
 
 
 def _load(entity: type[orm.Node], pks: list[int]) -> list[orm.Node]:
@@ -366,14 +396,8 @@ def kkr_target_inputs(
     :raises KkrTargetError: for an unusable specification, or clusters that cannot be traced to aiida-kkr nodes.
     """
     specification = target if isinstance(target, KkrTarget) else KkrTarget.from_dict(target)
-    found = find_kkr_results(clusters)
-    results = {
-        key: {f'c{index}': result.output_parameters for index, result in enumerate(runs)}
-        for key, runs in found.items()
-        if runs
-    }
     return {
         'clusters': clusters,
         'target': orm.Dict(dataclasses.asdict(specification)),
-        'results': results,
+        'results': results_inputs(find_kkr_results(clusters)),
     }

@@ -1,5 +1,6 @@
 """Work chains of aiida-mlworkbench."""
 
 from .impurity_learning import ImpurityLearningWorkChain
+from .prediction import ImpurityPredictionWorkChain
 
-__all__ = ('ImpurityLearningWorkChain',)
+__all__ = ('ImpurityLearningWorkChain', 'ImpurityPredictionWorkChain')

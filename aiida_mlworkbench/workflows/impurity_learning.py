@@ -1,7 +1,10 @@
 """Work chain that learns a property of impurity clusters from aiida-kkr embeddings, every step in the provenance graph.
 
 embeddings (host StructureData + impurity_info Dict, as aiida-kkr stored them) or a ready ImpurityClusters
-  -> extract_impurity_clusters -> featurize -> targets -> split_rows -> train_model -> score_model
+  -> extract_impurity_clusters -> targets -> featurize -> split_rows -> train_model -> score_model
+
+The targets are the host lattice type, given values, or a quantity that juKKR computed for each embedding (the
+``output_parameters`` of its KkrimpCalculation runs, found in the graph by the builders).
 """
 
 from __future__ import annotations
@@ -10,15 +13,9 @@ import typing as t
 from collections.abc import Iterable, Mapping
 
 from aiida import orm
-from aiida.common import LinkType
-from aiida.engine import ExitCode, ProcessBuilder, WorkChain, if_
+from aiida.engine import ExitCode, ProcessBuilder, if_
 
-from aiida_mlworkbench.calcfunctions.clusters import (
-    check_embeddings,
-    embedding_inputs,
-    embedding_key,
-    extract_impurity_clusters,
-)
+from aiida_mlworkbench.calcfunctions.clusters import embedding_key
 from aiida_mlworkbench.calcfunctions.featurize import featurization_jobs, featurize
 from aiida_mlworkbench.calcfunctions.score import score_model
 from aiida_mlworkbench.calcfunctions.split import (
@@ -32,18 +29,19 @@ from aiida_mlworkbench.calcfunctions.targets import (
     TargetValuesError,
     check_target_values,
     host_lattice_targets,
+    kkr_result_targets,
     targets_from_values,
 )
 from aiida_mlworkbench.calcfunctions.train import train_model
 from aiida_mlworkbench.data import ImpurityClusters, SparseFeatureMatrix, TrainedModel
 from aiida_mlworkbench.descriptors import get_descriptor
-from aiida_mlworkbench.engine import ManyInputs
 from aiida_mlworkbench.estimators import validate_estimator_specification
-from aiida_mlworkbench.kkr.geometry import RcutUnit
+from aiida_mlworkbench.kkr.results import KkrTarget, KkrTargetError
+from aiida_mlworkbench.workflows.common import ClusterSource, number_of_rows, validate_cluster_source
 
 __all__ = ('ImpurityLearningWorkChain', 'embedding_key')
 
-TARGETS = ('host_lattice', 'values')
+TARGETS = ('host_lattice', 'values', 'kkr')
 DEFAULT_DESCRIPTOR = {'name': 'soap', 'r_cut': 6.0, 'n_max': 5, 'l_max': 5, 'sigma': 1.0, 'average': 'inner'}
 DEFAULT_ESTIMATOR = {
     'estimator': 'SVC',
@@ -99,49 +97,30 @@ def validate_n_jobs(value: t.Any, _: t.Any) -> str | None:
     return None
 
 
-def validate_rcut_units(nodes: Mapping[str, orm.Str], _: t.Any) -> str | None:
-    """Each unit of Rcut must be one the geometry code knows."""
-    units = [unit.value for unit in RcutUnit]
-    wrong = sorted(key for key, node in nodes.items() if node.value not in units)
-    if wrong:
-        return f'embeddings.rcut_units {wrong[:5]} must be one of {units}, got {nodes[wrong[0]].value!r}'
+def validate_kkr_target(node: orm.Dict, _: t.Any) -> str | None:
+    """The KKR target specification must name a known quantity or key path and known policies."""
+    try:
+        KkrTarget.from_dict(node.get_dict())
+    except KkrTargetError as exception:
+        return f'invalid kkr_target: {exception}'
     return None
 
 
 def validate_inputs(inputs: Mapping[str, t.Any], _: t.Any) -> str | None:
     """Check the inputs together, before anything runs: embeddings or clusters, target, split and cluster sizes.
 
-    Every embedding is checked as far as possible without building its cluster
-    (:func:`~aiida_mlworkbench.calcfunctions.clusters.check_embeddings`), including the limit on the cluster size
-    (:data:`~aiida_mlworkbench.kkr.geometry.MAX_CLUSTER_ATOMS`), and the split is planned for the number of rows with
-    the rules ``split_rows`` applies (:func:`~aiida_mlworkbench.calcfunctions.split.plan_split`).
+    The embeddings are checked by :func:`~aiida_mlworkbench.workflows.common.validate_cluster_source`, and the split
+    is planned for the number of rows with the rules ``split_rows`` applies
+    (:func:`~aiida_mlworkbench.calcfunctions.split.plan_split`).
     """
-    embeddings = inputs.get('embeddings', {})
-    hosts, infos = embeddings.get('hosts', {}), embeddings.get('impurity_infos', {})
+    problem = validate_cluster_source(inputs)
+    if problem:
+        return problem
     clusters = inputs.get('clusters')
-    if bool(hosts or infos) == (clusters is not None):
-        return 'give either `embeddings` (hosts, impurity_infos, host_of) or ready `clusters`, not both and not neither'
-    host_of: dict[str, t.Any] = {}
-    if infos:
-        if 'host_of' not in embeddings:
-            return 'embeddings.host_of is missing: a Dict from each embedding key to its host key (embedding_inputs)'
-        host_of = embeddings['host_of'].get_dict()
-        if set(host_of) != set(infos):
-            differing = sorted(set(host_of) ^ set(infos))[:5]
-            return f'embeddings.host_of and embeddings.impurity_infos must have the same keys; differing: {differing}'
-        unknown = sorted({str(value) for value in host_of.values()} - set(hosts))
-        if unknown:
-            return f'embeddings.host_of names hosts that are not in embeddings.hosts: {unknown[:5]}'
-        unused = sorted(set(hosts) - set(host_of.values()))
-        if unused:
-            return f'embeddings.hosts {unused[:5]} are the host of no embedding: leave them out'
-    rcut_units = embeddings.get('rcut_units', {})
-    if not set(rcut_units) <= set(infos):
-        return f'embeddings.rcut_units has keys that are not embeddings: {sorted(set(rcut_units) - set(infos))[:5]}'
     target = inputs['target'].value
     if target not in TARGETS:
         return f'unknown target `{target}`: choose one of {", ".join(TARGETS)}'
-    n_samples = len(infos) if infos else len(clusters)
+    n_samples = number_of_rows(inputs)
     labels = None
     if target == 'values':
         if 'target_values' not in inputs:
@@ -149,9 +128,18 @@ def validate_inputs(inputs: Mapping[str, t.Any], _: t.Any) -> str | None:
         values = inputs['target_values'].get_list()
         if len(values) != n_samples:
             return f'target_values has {len(values)} values but there are {n_samples} embeddings or clusters'
-        labels = values
+        labels = values if all(isinstance(value, str) for value in values) else None
     elif 'target_values' in inputs:
         return f'target_values is given but the target is `{target}`: set target to `values` to use them'
+    if target == 'kkr':
+        if 'kkr_target' not in inputs:
+            return "target `kkr` needs the input `kkr_target`, e.g. {'quantity': 'total_spin_moment'}"
+        rows = set(inputs['embeddings']['impurity_infos']) if clusters is None else set(clusters.keys)
+        stray = sorted(set(inputs.get('kkr_results', {})) - rows)
+        if stray:
+            return f'kkr_results has results of no row: {stray[:5]}; the builders find them for you'
+    elif 'kkr_target' in inputs or inputs.get('kkr_results'):
+        return f'kkr_target or kkr_results is given but the target is `{target}`: set target to `kkr` to use them'
     if target == 'host_lattice' and clusters is not None and not clusters.hosts:
         return (
             f'{clusters} records no host crystals, which the target `host_lattice` needs: give clusters extracted '
@@ -165,72 +153,25 @@ def validate_inputs(inputs: Mapping[str, t.Any], _: t.Any) -> str | None:
         plan_split(n_samples, settings, labels=labels)
     except SplitSettingsError as exception:
         return f'split: {exception}'
-
-    if infos:
-        units = {key: node.value for key, node in rcut_units.items()}
-        try:
-            check_embeddings(
-                [(f'embedding {key}', hosts[host_of[key]], infos[key], units.get(key)) for key in sorted(infos)]
-            )
-        except ValueError as exception:
-            return f'{exception}. Fix or leave out this embedding.'
     return None
 
 
-class ImpurityLearningWorkChain(ManyInputs, WorkChain):
+class ImpurityLearningWorkChain(ClusterSource):
     """Learn a property of impurity clusters (by default the host lattice type) with every step recorded.
 
     Takes the impurity embeddings as aiida-kkr stored them (the host ``StructureData`` and ``impurity_info`` ``Dict``
     nodes, see :meth:`get_builder_from_kkr`) or a ready :class:`~aiida_mlworkbench.data.ImpurityClusters`, and runs
     cluster extraction, featurization, targets, a train/test split, training and scoring, each as a calcfunction
     whose outputs the work chain exposes. Given embeddings, it has one input per embedding and links them with
-    :class:`~aiida_mlworkbench.engine.ManyInputs`; given clusters, it has a handful of inputs.
+    :class:`~aiida_mlworkbench.engine.ManyInputs`; given clusters, it has a handful of inputs. With the target
+    ``kkr``, it learns what juKKR computed for each embedding (see :meth:`get_builder_from_kkr`).
     """
 
     @classmethod
     def define(cls, spec):
         """Define the inputs (embeddings or clusters, and the learning settings), the outline and the outputs."""
         super().define(spec)
-        spec.input_namespace(
-            'embeddings',
-            required=False,
-            help='The impurity embeddings as aiida-kkr stored them: one impurity_info per embedding key, each distinct '
-            'host once, and host_of naming the host of each embedding. The keys sort in row order.',
-        )
-        spec.input_namespace(
-            'embeddings.hosts',
-            valid_type=orm.StructureData,
-            dynamic=True,
-            required=False,
-            help='The distinct host crystals of the embeddings, under host keys.',
-        )
-        spec.input_namespace(
-            'embeddings.impurity_infos',
-            valid_type=orm.Dict,
-            dynamic=True,
-            required=False,
-            help='The impurity_info of each embedding, with Rcut (bounded by MAX_CLUSTER_ATOMS) or imp_cls.',
-        )
-        spec.input(
-            'embeddings.host_of',
-            valid_type=orm.Dict,
-            required=False,
-            help='The host key of each embedding key.',
-        )
-        spec.input_namespace(
-            'embeddings.rcut_units',
-            valid_type=orm.Str,
-            dynamic=True,
-            required=False,
-            validator=validate_rcut_units,
-            help="The unit of Rcut of the embeddings where it is not Angstrom: 'alat' for aiida-kkr before mid 2019.",
-        )
-        spec.input(
-            'clusters',
-            valid_type=ImpurityClusters,
-            required=False,
-            help='Ready impurity clusters instead of embeddings, one row per sample.',
-        )
+        cls.define_cluster_source(spec)
         spec.input(
             'descriptor',
             valid_type=orm.Dict,
@@ -246,8 +187,25 @@ class ImpurityLearningWorkChain(ManyInputs, WorkChain):
             default=lambda: orm.Str('host_lattice'),
             serializer=orm.to_aiida_type,
             validator=validate_target,
-            help="What to learn: 'host_lattice' (bcc, fcc, hcp or other, of the host crystal) or 'values' (the "
-            'input target_values).',
+            help="What to learn: 'host_lattice' (bcc, fcc, hcp or other, of the host crystal), 'values' (the input "
+            "target_values) or 'kkr' (a quantity of the KkrimpCalculation results, see kkr_target).",
+        )
+        spec.input(
+            'kkr_target',
+            valid_type=orm.Dict,
+            required=False,
+            serializer=orm.to_aiida_type,
+            validator=validate_kkr_target,
+            help='For the target kkr: the quantity of the KkrimpCalculation output_parameters (a short name such as '
+            'total_spin_moment, or a key path) and the policies for several runs and for missing values.',
+        )
+        spec.input_namespace(
+            'kkr_results',
+            valid_type=orm.Dict,
+            dynamic=True,
+            required=False,
+            help='For the target kkr: the output_parameters of the KkrimpCalculation runs of each row, as '
+            'kkr_results.<row key>.c<i> (oldest first). The builders find them in the graph.',
         )
         spec.input(
             'target_values',
@@ -287,18 +245,18 @@ class ImpurityLearningWorkChain(ManyInputs, WorkChain):
 
         spec.outline(
             if_(cls.has_embeddings)(cls.extract_clusters),
-            cls.featurize,
             cls.make_targets,
+            cls.featurize,
             cls.split_rows,
             cls.train,
             cls.score,
         )
 
         spec.output(
-            'clusters',
+            'kept_clusters',
             valid_type=ImpurityClusters,
             required=False,
-            help='The impurity clusters extracted from the embeddings.',
+            help='The rows that have a KKR result, when the target kkr left some out (missing: drop).',
         )
         spec.output('features', valid_type=SparseFeatureMatrix, help='The feature matrix, one row per cluster.')
         spec.output('targets', valid_type=orm.ArrayData, help='The target of each row (array `targets`).')
@@ -307,6 +265,11 @@ class ImpurityLearningWorkChain(ManyInputs, WorkChain):
         spec.output('model', valid_type=TrainedModel, help='The fitted estimator.')
         spec.output('metrics', valid_type=orm.Dict, help='The test metrics, and the training score.')
         spec.output('score', valid_type=orm.Float, help='The test accuracy (classification) or R2 (regression).')
+        spec.output(
+            'predictions',
+            valid_type=orm.ArrayData,
+            help='The true and predicted value of each test row (arrays rows, true, predicted), for a parity plot.',
+        )
 
         spec.exit_code(401, 'ERROR_CLUSTER_EXTRACTION', message='Cluster extraction failed: {message}')
         spec.exit_code(402, 'ERROR_FEATURIZATION', message='Featurization failed: {message}')
@@ -317,36 +280,13 @@ class ImpurityLearningWorkChain(ManyInputs, WorkChain):
 
     # -- steps -----------------------------------------------------------------------------------------------------
 
-    def _failed(self, process: orm.ProcessNode, exit_code: ExitCode) -> ExitCode:
-        """Report the failed child as ``label<pk>`` with its exit status, and return ``exit_code`` with its message."""
-        label = process.base.links.get_incoming(link_type=LinkType.CALL_CALC).first()
-        name = label.link_label if label is not None else process.process_label
-        self.report(f'{name}<{process.pk}> failed with exit status {process.exit_status}: {process.exit_message}')
-        return exit_code.format(message=f'{name}<{process.pk}>: {process.exit_message}')
-
-    def has_embeddings(self) -> bool:
-        """Whether the clusters are to be extracted from embeddings (otherwise they are given ready)."""
-        return 'clusters' not in self.inputs
-
-    def extract_clusters(self) -> ExitCode | None:
-        """Build all impurity clusters in one process that consumes every host and impurity_info."""
-        embeddings = self.inputs.embeddings
-        self.report(f'extracting {len(embeddings.impurity_infos)} impurity clusters')
-        inputs = {name: dict(value) if isinstance(value, Mapping) else value for name, value in embeddings.items()}
-        outputs, process = extract_impurity_clusters.run_get_node(
-            **inputs, metadata={'call_link_label': 'extract_clusters'}
-        )
-        if not process.is_finished_ok:
-            return self._failed(process, self.exit_codes.ERROR_CLUSTER_EXTRACTION)
-        self.out('clusters', outputs['clusters'])
-        return None
-
-    def _clusters(self) -> ImpurityClusters:
-        return self.inputs.clusters if 'clusters' in self.inputs else self.outputs['clusters']
+    def _rows(self) -> ImpurityClusters:
+        """The clusters that are learned from: all of them, or those with a KKR result if the targets left some out."""
+        return self.outputs['kept_clusters'] if 'kept_clusters' in self.outputs else self._clusters()
 
     def featurize(self) -> ExitCode | None:
         """Describe every cluster with the descriptor, in one process that stores one sparse matrix."""
-        clusters = self._clusters()
+        clusters = self._rows()
         descriptor = self.inputs.descriptor.get_dict()
         jobs = self.inputs.n_jobs
         self.report(f'featurizing {len(clusters)} clusters with {descriptor.get("name")} on {jobs} job(s)')
@@ -361,7 +301,9 @@ class ImpurityLearningWorkChain(ManyInputs, WorkChain):
         return None
 
     def make_targets(self) -> ExitCode | None:
-        """Make the target of each row: the given values, or the lattice type of each row's host."""
+        """Make the target of each row: the given values, a KKR result of its embedding, or its host's lattice type."""
+        if self.inputs.target.value == 'kkr':
+            return self._kkr_targets()
         if self.inputs.target.value == 'values':
             targets, process = targets_from_values.run_get_node(
                 self.inputs.target_values, metadata={'call_link_label': 'targets'}
@@ -383,6 +325,33 @@ class ImpurityLearningWorkChain(ManyInputs, WorkChain):
         self.out('groups', outputs['groups'])
         return None
 
+    def _kkr_targets(self) -> ExitCode | None:
+        results = {key: dict(runs) for key, runs in self.inputs.get('kkr_results', {}).items()}
+        outputs, process = kkr_result_targets.run_get_node(
+            clusters=self._clusters(),
+            target=self.inputs.kkr_target,
+            results=results,
+            metadata={'call_link_label': 'targets'},
+        )
+        if not process.is_finished_ok:
+            return self._failed(process, self.exit_codes.ERROR_TARGETS)
+        targets = outputs['targets']
+        attributes = targets.base.attributes
+        dropped = attributes.get('dropped')
+        n_rows, n_sources = targets.get_shape('targets')[0], len(set(attributes.get('sources')))
+        message = f"KKR targets '{attributes.get('quantity')}' ({attributes.get('unit')}) of {n_rows} rows"
+        self.report(f'{message} from {n_sources} KkrimpCalculation results')
+        if dropped:
+            first = dropped[0]
+            self.report(f'{len(dropped)} rows without a value left out, e.g. {first["key"]}: {first["reason"]}')
+        self.out('targets', targets)
+        if 'clusters' in outputs:
+            self.out('kept_clusters', outputs['clusters'])
+        return None
+
+    def _task(self) -> str:
+        return self.outputs['targets'].base.attributes.get('task', 'classification')
+
     def split_rows(self) -> ExitCode | None:
         """Split the rows into a train and a test set (grouped by host if asked)."""
         settings = check_split_settings(self.inputs.split.get_dict())
@@ -390,7 +359,7 @@ class ImpurityLearningWorkChain(ManyInputs, WorkChain):
             'targets': self.outputs['targets'],
             'test_fraction': orm.Float(settings['test_fraction']),
             'seed': orm.Int(settings['seed']),
-            'stratify': orm.Bool(settings['stratify']),
+            'stratify': orm.Bool(settings['stratify'] and self._task() == 'classification'),
         }
         if settings['grouped']:
             inputs['groups'] = self.outputs['groups']
@@ -432,6 +401,7 @@ class ImpurityLearningWorkChain(ManyInputs, WorkChain):
             return self._failed(process, self.exit_codes.ERROR_SCORING)
         self.out('metrics', outputs['metrics'])
         self.out('score', outputs['score'])
+        self.out('predictions', outputs['predictions'])
         self.report(f'test score {outputs["score"].value:.4f}')
         return None
 
@@ -442,21 +412,19 @@ class ImpurityLearningWorkChain(ManyInputs, WorkChain):
         """Return a builder for (host, impurity_info) pairs or :class:`~aiida_mlworkbench.kkr.ImpurityEmbedding`
         objects, one row each in the order given.
 
+        With ``target='kkr'`` and a ``kkr_target``, the KkrimpCalculation results of each embedding are found in the
+        graph (:func:`~aiida_mlworkbench.kkr.results.find_embedding_results`) and set as ``kkr_results``.
+
         :param inputs: further inputs (descriptor, target, split, estimator, ...) as nodes or plain values.
         """
-        hosts, infos, units = [], [], []
-        for embedding in embeddings:
-            if isinstance(embedding, tuple):
-                host, info = embedding
-                unit = None
-            else:
-                host, info, unit = embedding.host, embedding.impurity_info, embedding.rcut_unit
-            hosts.append(host)
-            infos.append(info)
-            units.append(unit)
-        builder = cls.get_builder()
-        builder.embeddings = embedding_inputs([embedding_key(i) for i in range(len(infos))], hosts, infos, units)
-        _set_inputs(builder, inputs)
+        from aiida_mlworkbench.kkr.results import find_embedding_results, results_inputs
+
+        embeddings = list(embeddings)
+        builder = cls._builder_from_embeddings(embeddings)
+        cls._set_inputs(builder, inputs)
+        if _wants_kkr_results(builder):
+            keys = [embedding_key(i) for i in range(len(embeddings))]
+            builder.kkr_results = results_inputs(dict(zip(keys, find_embedding_results(embeddings), strict=True)))
         return builder
 
     @classmethod
@@ -468,7 +436,12 @@ class ImpurityLearningWorkChain(ManyInputs, WorkChain):
         """Return a builder for the impurity embeddings of aiida-kkr processes (a node, a list or a ``Group``).
 
         Each (host, impurity_info) pair is one embedding however many processes used it; in a ``Group``, nodes that
-        are no impurity embedding are skipped (and logged).
+        are no impurity embedding are skipped (and logged). For example, to learn the impurities' spin moments::
+
+            builder = ImpurityLearningWorkChain.get_builder_from_kkr(
+                group, target='kkr', kkr_target={'quantity': 'total_spin_moment', 'missing': 'drop'},
+                estimator={'estimator': 'Ridge'},
+            )
         """
         from aiida_mlworkbench.kkr.embeddings import resolve_impurity_embeddings
 
@@ -479,21 +452,18 @@ class ImpurityLearningWorkChain(ManyInputs, WorkChain):
 
     @classmethod
     def get_builder_from_clusters(cls, clusters: ImpurityClusters, **inputs: t.Any) -> ProcessBuilder:
-        """Return a builder for a ready ``ImpurityClusters`` node."""
+        """Return a builder for a ready ``ImpurityClusters`` node (for ``target='kkr'``: one extracted from aiida-kkr
+        embeddings, whose KkrimpCalculation results are then found in the graph)."""
+        from aiida_mlworkbench.kkr.results import find_kkr_results, results_inputs
+
         builder = cls.get_builder()
         builder.clusters = clusters
-        _set_inputs(builder, inputs)
+        cls._set_inputs(builder, inputs)
+        if _wants_kkr_results(builder):
+            builder.kkr_results = results_inputs(find_kkr_results(clusters))
         return builder
 
 
-def _set_inputs(builder: ProcessBuilder, inputs: Mapping[str, t.Any]) -> None:
-    """Set each input on the builder: its port's serializer turns a plain value into the node the port expects.
-
-    :raises ValueError: naming an unknown input and the known ones.
-    """
-    ports = ImpurityLearningWorkChain.spec().inputs
-    for name, value in inputs.items():
-        if name not in ports:
-            known = ', '.join(sorted(ports))
-            raise ValueError(f'unknown input `{name}` of ImpurityLearningWorkChain; its inputs are: {known}')
-        builder[name] = value
+def _wants_kkr_results(builder: ProcessBuilder) -> bool:
+    target = builder.get('target')
+    return target is not None and target.value == 'kkr' and not builder.get('kkr_results')

@@ -1,0 +1,61 @@
+"""``aiida-mlworkbench plot``: figures of a stored run as PNG files, drawn from the graph alone."""
+
+from __future__ import annotations
+
+import pathlib
+
+import click
+from aiida.cmdline.params import arguments
+from aiida.cmdline.utils import decorators, echo
+
+from .root import cmd_root
+
+
+@cmd_root.group('plot')
+def cmd_plot() -> None:
+    """Figures of stored runs (parity plot, confusion matrix) as PNG files."""
+
+
+OUTPUT = click.option(
+    '-o',
+    '--output',
+    type=click.Path(dir_okay=False, writable=True, path_type=pathlib.Path),
+    required=True,
+    help='The PNG file to write.',
+)
+
+
+@cmd_plot.command('parity')
+@arguments.NODE()
+@OUTPUT
+@decorators.with_dbenv()
+def plot_parity(node, output: pathlib.Path) -> None:
+    """Parity plot of a regression: predicted against true value of each test row.
+
+    NODE is an ImpurityLearningWorkChain, a score_model process or its `predictions` output.
+    """
+    from aiida_mlworkbench.plots import PlotError, plot_parity
+
+    try:
+        path = plot_parity(node, output)
+    except PlotError as exception:
+        echo.echo_critical(str(exception))
+    echo.echo_success(f'wrote {path}')
+
+
+@cmd_plot.command('confusion')
+@arguments.NODE()
+@OUTPUT
+@decorators.with_dbenv()
+def plot_confusion(node, output: pathlib.Path) -> None:
+    """Confusion matrix of a classification on its test rows.
+
+    NODE is an ImpurityLearningWorkChain, a score_model process or its `predictions` output.
+    """
+    from aiida_mlworkbench.plots import PlotError, plot_confusion
+
+    try:
+        path = plot_confusion(node, output)
+    except PlotError as exception:
+        echo.echo_critical(str(exception))
+    echo.echo_success(f'wrote {path}')
