@@ -9,6 +9,7 @@ from aiida import orm
 from aiida.engine import run_get_node
 from kkr_fixtures import kkr_archives  # noqa: F401
 
+from aiida_mlworkbench.calcfunctions.clusters import build_impurity_clusters
 from aiida_mlworkbench.calcfunctions.featurize import featurize
 from aiida_mlworkbench.calcfunctions.predict import predict
 from aiida_mlworkbench.data import TrainedModel
@@ -32,12 +33,14 @@ def embeddings(kkr_archives):  # noqa: F811
 
 @pytest.fixture(scope='module')
 def spin_moment_run(embeddings) -> int:
-    """The pk of a learning work chain of the impurity clusters' total spin moments (a regression)."""
+    """The pk of a learning work chain of the impurity clusters' total spin moments (a regression), whose descriptor
+    lists every species of the archives' clusters, so that the model can describe the rows it did not learn from."""
+    species = build_impurity_clusters(embeddings).species
     builder = ImpurityLearningWorkChain.get_builder_from_embeddings(
         embeddings,
         target='kkr',
         kkr_target=SPIN_MOMENT,
-        descriptor=SMALL_SOAP,
+        descriptor={**SMALL_SOAP, 'species': species},
         estimator={'estimator': 'Ridge', 'parameters': {'alpha': 1e-3}},
         split={'test_fraction': 0.3, 'seed': 1},
     )
@@ -48,7 +51,8 @@ def spin_moment_run(embeddings) -> int:
 
 @pytest.fixture(scope='module')
 def magnetic_run(spin_moment_run) -> int:
-    """The pk of a learning work chain of magnetic or not (a classification), from the clusters of the first run."""
+    """The pk of a learning work chain of magnetic or not (a classification), from the clusters of the first run; its
+    species are those of the rows it learned from."""
     clusters = orm.load_node(spin_moment_run).outputs.clusters
     builder = ImpurityLearningWorkChain.get_builder_from_clusters(
         clusters,
@@ -144,6 +148,23 @@ def test_model_refuses_features_of_another_descriptor(spin_moment_run):
     outputs, process = predict.run_get_node(node.outputs.model, features=other)
     assert process.exit_status == 371
     assert 'r_cut' in process.exit_message
+    assert not outputs
+
+
+def test_model_refuses_clusters_with_species_it_never_saw(magnetic_run):
+    """A model whose species are those of its training rows cannot describe a cluster with another species: the
+    prediction fails naming the row, instead of describing the cluster without that species."""
+    node = orm.load_node(magnetic_run)
+    model, clusters = node.outputs.model, node.inputs.clusters
+    unseen = [
+        row
+        for row, atoms in enumerate(clusters)
+        if set(atoms.get_chemical_symbols()) - set(model.descriptor['species'])
+    ]
+    assert unseen, 'the rows without a KKR value of the archives hold species that the kept rows do not'
+    outputs, process = predict.run_get_node(model, clusters=clusters)
+    assert process.exit_status == 373
+    assert f'row {unseen[0]}, key `{clusters.keys[unseen[0]]}`' in process.exit_message
     assert not outputs
 
 

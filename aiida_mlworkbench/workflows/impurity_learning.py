@@ -339,7 +339,8 @@ class ImpurityLearningWorkChain(ClusterSource):
         attributes = targets.base.attributes
         dropped = attributes.get('dropped')
         n_rows, n_sources = targets.get_shape('targets')[0], len(set(attributes.get('sources')))
-        message = f"KKR targets '{attributes.get('quantity')}' ({attributes.get('unit')}) of {n_rows} rows"
+        unit = f' ({attributes.get("unit")})' if attributes.get('unit') else ''
+        message = f"KKR targets '{attributes.get('quantity')}'{unit} of {n_rows} rows"
         self.report(f'{message} from {n_sources} KkrimpCalculation results')
         if dropped:
             first = dropped[0]
