@@ -2,11 +2,12 @@
 KkrimpCalculation results in the graph, predict them for the embeddings juKKR never converged, and draw the figures.
 
 1. imports the archives into a group (as ``examples/kkr_archives.py`` does; nodes already there are not duplicated);
-2. runs ImpurityLearningWorkChain with the target ``kkr``: the total spin moment of the last converged run of each
-   embedding, in the unit juKKR's parser recorded; embeddings without one are left out and reported;
-3. runs it again with the class target ``magnetic`` (|total spin moment| >= 0.1 mu_Bohr);
-4. runs ImpurityPredictionWorkChain with the first model on the embeddings that were left out;
-5. writes the parity plot and the confusion matrix with ``aiida-mlworkbench plot`` (into ``--figures``).
+2. extracts the clusters of every embedding a KkrimpCalculation ran (one ImpurityClusters node);
+3. runs ImpurityLearningWorkChain on them with the target ``kkr``: the total spin moment of the last converged run of
+   each embedding, in the unit juKKR's parser recorded; embeddings without one are left out and reported;
+4. runs it again with the class target ``magnetic`` (|total spin moment| >= 0.1 mu_Bohr);
+5. runs ImpurityPredictionWorkChain with the first model on the embeddings that were left out;
+6. writes the parity plot and the confusion matrix with ``aiida-mlworkbench plot`` (into ``--figures``).
 
 A few dozen embeddings of two hosts: the point is the graph and the tools, not the accuracy.
 Run with ``verdi run examples/kkr_surrogate.py [--archives FOLDER] [--figures FOLDER]``.
@@ -22,6 +23,8 @@ from aiida import orm
 from aiida.engine import run_get_node
 from aiida.manage import get_manager
 
+from aiida_mlworkbench.calcfunctions.clusters import build_impurity_clusters
+from aiida_mlworkbench.data import ImpurityClusters
 from aiida_mlworkbench.kkr import import_archives, resolve_impurity_embeddings
 from aiida_mlworkbench.workflows import ImpurityLearningWorkChain, ImpurityPredictionWorkChain
 
@@ -31,9 +34,12 @@ DESCRIPTOR = {'name': 'soap', 'r_cut': 5.0, 'n_max': 4, 'l_max': 4, 'sigma': 1.0
 SPLIT = {'test_fraction': 0.3, 'seed': 1}
 
 
-def learn(embeddings, kkr_target: dict, estimator: dict) -> orm.WorkChainNode:
-    builder = ImpurityLearningWorkChain.get_builder_from_embeddings(
-        embeddings, target='kkr', kkr_target=kkr_target, descriptor=DESCRIPTOR, estimator=estimator, split=SPLIT
+def learn(clusters: ImpurityClusters, kkr_target: dict, estimator: dict) -> orm.WorkChainNode:
+    # The descriptor lists every species of the database: a model that knows only the species of the rows it learned
+    # from cannot describe an impurity of another species, and refuses to predict for it.
+    descriptor = {**DESCRIPTOR, 'species': clusters.species}
+    builder = ImpurityLearningWorkChain.get_builder_from_clusters(
+        clusters, target='kkr', kkr_target=kkr_target, descriptor=descriptor, estimator=estimator, split=SPLIT
     )
     _, run = run_get_node(builder)
     if not run.is_finished_ok:
@@ -56,9 +62,10 @@ def main() -> None:
     calculations = orm.QueryBuilder().append(orm.Group, filters={'id': group.pk}, tag='group')
     calculations.append(orm.CalcJobNode, with_group='group', filters={'process_type': 'aiida.calculations:kkr.kkrimp'})
     embeddings = list(resolve_impurity_embeddings(calculations.all(flat=True), skip_invalid=True))
-    print(f'{len(embeddings)} embeddings run by KkrimpCalculations')
+    clusters = build_impurity_clusters(embeddings)
+    print(f'{len(embeddings)} embeddings run by KkrimpCalculations, species {", ".join(clusters.species)}')
 
-    moments = learn(embeddings, {'quantity': 'total_spin_moment', 'missing': 'drop'}, {'estimator': 'Ridge'})
+    moments = learn(clusters, {'quantity': 'total_spin_moment', 'missing': 'drop'}, {'estimator': 'Ridge'})
     metrics = moments.outputs.metrics.get_dict()
     dropped = moments.outputs.targets.base.attributes.get('dropped')
     print(
@@ -67,13 +74,13 @@ def main() -> None:
         f'R2 {metrics["r2"]:.3f}; {len(dropped)} embeddings without a converged value left out'
     )
     magnetic = learn(
-        embeddings,
+        clusters,
         {'quantity': 'magnetic', 'missing': 'drop'},
         {'estimator': 'LogisticRegression', 'parameters': {'max_iter': 1000}},
     )
     print(f'magnetic or not <{magnetic.pk}>: accuracy {magnetic.outputs.metrics["accuracy"]:.3f}')
 
-    keys = moments.outputs.clusters.keys
+    keys = clusters.keys
     left_out = [embeddings[keys.index(row['key'])] for row in dropped]
     builder = ImpurityPredictionWorkChain.get_builder_from_embeddings(moments.outputs.model, left_out)
     _, prediction = run_get_node(builder)
