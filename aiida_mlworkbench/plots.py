@@ -50,6 +50,17 @@ def scored_predictions(node: orm.Node) -> tuple[orm.ArrayData, dict[str, t.Any]]
     return predictions, metrics_node.get_dict() if metrics_node is not None else {}
 
 
+def _pairs(node: orm.Node, task: str, figure: str, instead: str) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """The true and predicted values, the attributes of the predictions and the metrics, if the task is ``task``."""
+    predictions, metrics = scored_predictions(node)
+    attributes = predictions.base.attributes.all
+    if attributes.get('task') != task:
+        raise PlotError(
+            f'{predictions} holds {attributes.get("task")} predictions: {figure} needs a {task}; draw {instead} instead'
+        )
+    return predictions.get_array('true'), predictions.get_array('predicted'), attributes, metrics
+
+
 def _pyplot():
     import matplotlib
 
@@ -70,14 +81,7 @@ def plot_parity(node: orm.Node, path: str | pathlib.Path, *, dpi: int = 150) -> 
 
     :raises PlotError: if the node is no regression scoring.
     """
-    predictions, metrics = scored_predictions(node)
-    attributes = predictions.base.attributes.all
-    if attributes.get('task') != 'regression':
-        raise PlotError(
-            f'{predictions} holds {attributes.get("task")} predictions: a parity plot needs a regression; draw the '
-            'confusion matrix instead'
-        )
-    truth, predicted = predictions.get_array('true'), predictions.get_array('predicted')
+    truth, predicted, attributes, metrics = _pairs(node, 'regression', 'a parity plot', 'the confusion matrix')
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(4.8, 4.6), layout='constrained')
     axes.scatter(truth, predicted, s=14, alpha=0.7, edgecolors='none', label=f'test rows ({truth.size})')
@@ -110,14 +114,7 @@ def plot_confusion(node: orm.Node, path: str | pathlib.Path, *, dpi: int = 150) 
     """
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    predictions, metrics = scored_predictions(node)
-    attributes = predictions.base.attributes.all
-    if attributes.get('task') != 'classification':
-        raise PlotError(
-            f'{predictions} holds {attributes.get("task")} predictions: a confusion matrix needs a classification; '
-            'draw the parity plot instead'
-        )
-    truth, predicted = predictions.get_array('true'), predictions.get_array('predicted')
+    truth, predicted, attributes, metrics = _pairs(node, 'classification', 'a confusion matrix', 'the parity plot')
     plt = _pyplot()
     size = max(4.0, 1.0 + 0.6 * len(set(truth) | set(predicted)))
     figure, axes = plt.subplots(figsize=(size, size), layout='constrained')

@@ -26,7 +26,8 @@ from aiida import orm
 from aiida.engine import run_get_node
 
 from aiida_mlworkbench.data import ImpurityClusters, SparseFeatureMatrix, TrainedModel
-from aiida_mlworkbench.kkr import import_archives, resolve_impurity_embeddings
+from aiida_mlworkbench.kkr import resolve_impurity_embeddings
+from aiida_mlworkbench.kkr.archives import archive_group
 from aiida_mlworkbench.workflows import ImpurityLearningWorkChain
 
 # ``verdi run`` sets ``__file__`` to the bare file name, so the default is relative to where you run it: the repository.
@@ -40,13 +41,11 @@ def main() -> None:
     parser.add_argument('--archives', type=pathlib.Path, default=ARCHIVES, help='folder of aiida-kkr archives')
     arguments = parser.parse_args()
 
-    paths = sorted({*arguments.archives.glob('*.aiida'), *arguments.archives.glob('*.tar.gz')})
-    if not paths:
-        raise SystemExit(f'no aiida-kkr archives (*.aiida, *.tar.gz) in {arguments.archives}: pass --archives FOLDER')
-    group, _ = orm.Group.collection.get_or_create(GROUP_LABEL)
-    if not group.count():
-        import_archives(paths, group=group)
-    print(f'{len(paths)} archives in group {group.label!r}: {group.count()} nodes')
+    try:
+        group = archive_group(arguments.archives, GROUP_LABEL)
+    except FileNotFoundError as exception:
+        raise SystemExit(f'{exception}: pass --archives FOLDER') from None
+    print(f'archives of {arguments.archives} in group {group.label!r}: {group.count()} nodes')
 
     resolved = resolve_impurity_embeddings(group, skip_invalid=True)
     hosts = collections.Counter(embedding.host.get_formula() for embedding in resolved)

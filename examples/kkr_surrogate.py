@@ -25,7 +25,8 @@ from aiida.manage import get_manager
 
 from aiida_mlworkbench.calcfunctions.clusters import build_impurity_clusters
 from aiida_mlworkbench.data import ImpurityClusters
-from aiida_mlworkbench.kkr import import_archives, resolve_impurity_embeddings
+from aiida_mlworkbench.kkr import resolve_impurity_embeddings
+from aiida_mlworkbench.kkr.archives import archive_group
 from aiida_mlworkbench.workflows import ImpurityLearningWorkChain, ImpurityPredictionWorkChain
 
 ARCHIVES = pathlib.Path('..', 'shared', 'data', 'aiida-kkr-archives')
@@ -53,12 +54,10 @@ def main() -> None:
     parser.add_argument('--figures', type=pathlib.Path, default=pathlib.Path('.'), help='folder for the PNG files')
     arguments = parser.parse_args()
 
-    paths = sorted({*arguments.archives.glob('*.aiida'), *arguments.archives.glob('*.tar.gz')})
-    if not paths:
-        raise SystemExit(f'no aiida-kkr archives (*.aiida, *.tar.gz) in {arguments.archives}: pass --archives FOLDER')
-    group, _ = orm.Group.collection.get_or_create(GROUP_LABEL)
-    if not group.count():
-        import_archives(paths, group=group)
+    try:
+        group = archive_group(arguments.archives, GROUP_LABEL)
+    except FileNotFoundError as exception:
+        raise SystemExit(f'{exception}: pass --archives FOLDER') from None
     calculations = orm.QueryBuilder().append(orm.Group, filters={'id': group.pk}, tag='group')
     calculations.append(orm.CalcJobNode, with_group='group', filters={'process_type': 'aiida.calculations:kkr.kkrimp'})
     embeddings = list(resolve_impurity_embeddings(calculations.all(flat=True), skip_invalid=True))

@@ -25,6 +25,17 @@ OUTPUT = click.option(
 )
 
 
+def _write(figure: str, node, output: pathlib.Path) -> None:
+    from aiida_mlworkbench import plots
+
+    draw = {'parity': plots.plot_parity, 'confusion': plots.plot_confusion}[figure]
+    try:
+        path = draw(node, output)
+    except plots.PlotError as exception:
+        echo.echo_critical(str(exception))
+    echo.echo_success(f'wrote {path}')
+
+
 @cmd_plot.command('parity')
 @arguments.NODE()
 @OUTPUT
@@ -34,13 +45,7 @@ def plot_parity(node, output: pathlib.Path) -> None:
 
     NODE is an ImpurityLearningWorkChain, a score_model process or its `predictions` output.
     """
-    from aiida_mlworkbench.plots import PlotError, plot_parity
-
-    try:
-        path = plot_parity(node, output)
-    except PlotError as exception:
-        echo.echo_critical(str(exception))
-    echo.echo_success(f'wrote {path}')
+    _write('parity', node, output)
 
 
 @cmd_plot.command('confusion')
@@ -52,10 +57,4 @@ def plot_confusion(node, output: pathlib.Path) -> None:
 
     NODE is an ImpurityLearningWorkChain, a score_model process or its `predictions` output.
     """
-    from aiida_mlworkbench.plots import PlotError, plot_confusion
-
-    try:
-        path = plot_confusion(node, output)
-    except PlotError as exception:
-        echo.echo_critical(str(exception))
-    echo.echo_success(f'wrote {path}')
+    _write('confusion', node, output)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from aiida import orm
 
-__all__ = ('import_archives',)
+__all__ = ('archive_group', 'import_archives')
 
 
 def import_archives(paths: Iterable[str | pathlib.Path], group: orm.Group | None = None) -> list[orm.Group]:
@@ -45,3 +45,18 @@ def import_archives(paths: Iterable[str | pathlib.Path], group: orm.Group | None
                 raise RuntimeError(f'importing {path} gave no import group')
             groups.append(imported if isinstance(imported, orm.Group) else orm.load_group(imported))
     return groups
+
+
+def archive_group(folder: str | pathlib.Path, label: str) -> orm.Group:
+    """Return the group ``label``, after importing every archive of ``folder`` into it if it is empty.
+
+    :raises FileNotFoundError: if ``folder`` holds no archive (``*.aiida``, ``*.tar.gz``).
+    """
+    folder = pathlib.Path(folder)
+    paths = sorted({*folder.glob('*.aiida'), *folder.glob('*.tar.gz')})
+    if not paths:
+        raise FileNotFoundError(f'no aiida-kkr archives (*.aiida, *.tar.gz) in {folder}')
+    group, _ = orm.Group.collection.get_or_create(label)
+    if not group.count():
+        import_archives(paths, group=group)
+    return group

@@ -21,6 +21,7 @@ from aiida_mlworkbench.calcfunctions.clusters import (
     embedding_key,
     extract_impurity_clusters,
 )
+from aiida_mlworkbench.calcfunctions.featurize import featurization_jobs, featurize
 from aiida_mlworkbench.data import ImpurityClusters
 from aiida_mlworkbench.engine import ManyInputs
 from aiida_mlworkbench.kkr.geometry import RcutUnit
@@ -176,6 +177,21 @@ class ClusterSource(ManyInputs, WorkChain):
         if not process.is_finished_ok:
             return self._failed(process, self.exit_codes.ERROR_CLUSTER_EXTRACTION)
         self.out('clusters', outputs['clusters'])
+        return None
+
+    def _featurize(self, clusters: ImpurityClusters, descriptor: orm.Dict) -> ExitCode | None:
+        """Run ``featurize`` on ``n_jobs`` processes and expose its matrix as ``features``, or fail with
+        ``ERROR_FEATURIZATION``."""
+        name, jobs = descriptor.get('name'), self.inputs.n_jobs
+        self.report(f'featurizing {len(clusters)} clusters with {name} on {jobs} job(s)')
+        with featurization_jobs(jobs):
+            features, process = featurize.run_get_node(
+                clusters=clusters, descriptor=descriptor, metadata={'call_link_label': 'featurize'}
+            )
+        if not process.is_finished_ok:
+            return self._failed(process, self.exit_codes.ERROR_FEATURIZATION)
+        self.report(f'feature matrix {features.shape[0]} x {features.shape[1]}, {features.nnz} non-zeros')
+        self.out('features', features)
         return None
 
     def _clusters(self) -> ImpurityClusters:

@@ -16,7 +16,6 @@ from aiida import orm
 from aiida.engine import ExitCode, ProcessBuilder, if_
 
 from aiida_mlworkbench.calcfunctions.clusters import embedding_key
-from aiida_mlworkbench.calcfunctions.featurize import featurization_jobs, featurize
 from aiida_mlworkbench.calcfunctions.score import score_model
 from aiida_mlworkbench.calcfunctions.split import (
     DEFAULT_SPLIT,
@@ -286,19 +285,7 @@ class ImpurityLearningWorkChain(ClusterSource):
 
     def featurize(self) -> ExitCode | None:
         """Describe every cluster with the descriptor, in one process that stores one sparse matrix."""
-        clusters = self._rows()
-        descriptor = self.inputs.descriptor.get_dict()
-        jobs = self.inputs.n_jobs
-        self.report(f'featurizing {len(clusters)} clusters with {descriptor.get("name")} on {jobs} job(s)')
-        with featurization_jobs(self.inputs.n_jobs):
-            features, process = featurize.run_get_node(
-                clusters=clusters, descriptor=self.inputs.descriptor, metadata={'call_link_label': 'featurize'}
-            )
-        if not process.is_finished_ok:
-            return self._failed(process, self.exit_codes.ERROR_FEATURIZATION)
-        self.report(f'feature matrix {features.shape[0]} x {features.shape[1]}, {features.nnz} non-zeros')
-        self.out('features', features)
-        return None
+        return self._featurize(self._rows(), self.inputs.descriptor)
 
     def make_targets(self) -> ExitCode | None:
         """Make the target of each row: the given values, a KKR result of its embedding, or its host's lattice type."""

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 from aiida import orm
 from aiida.engine import ExitCode, ProcessBuilder, if_
 
-from aiida_mlworkbench.calcfunctions.featurize import featurization_jobs, featurize
 from aiida_mlworkbench.calcfunctions.predict import predict
 from aiida_mlworkbench.data import ImpurityClusters, SparseFeatureMatrix, TrainedModel
 from aiida_mlworkbench.workflows.common import ClusterSource, validate_cluster_source
@@ -78,19 +77,8 @@ class ImpurityPredictionWorkChain(ClusterSource):
         spec.exit_code(408, 'ERROR_PREDICTION', message='Prediction failed: {message}')
 
     def featurize(self) -> ExitCode | None:
-        """Describe every cluster with the model's descriptor."""
-        clusters = self._clusters()
-        self.report(f'featurizing {len(clusters)} clusters with the descriptor of {self.inputs.model}')
-        with featurization_jobs(self.inputs.n_jobs):
-            features, process = featurize.run_get_node(
-                clusters=clusters,
-                descriptor=orm.Dict(self.inputs.model.descriptor),
-                metadata={'call_link_label': 'featurize'},
-            )
-        if not process.is_finished_ok:
-            return self._failed(process, self.exit_codes.ERROR_FEATURIZATION)
-        self.out('features', features)
-        return None
+        """Describe every cluster with the model's descriptor, species list included."""
+        return self._featurize(self._clusters(), orm.Dict(self.inputs.model.descriptor))
 
     def predict(self) -> ExitCode | None:
         """Predict one value per row."""
