@@ -84,7 +84,7 @@ def number_of_rows(inputs: Mapping[str, t.Any]) -> int:
 
 
 def embeddings_pairs(embeddings: Iterable[t.Any]) -> tuple[list, list, list]:
-    """The hosts, ``impurity_info`` nodes and Rcut units of (host, impurity_info) pairs or ``ImpurityEmbedding``s."""
+    """The hosts, ``impurity_info`` nodes and Rcut units of (host, impurity_info) pairs or embedding objects."""
     hosts, infos, units = [], [], []
     for embedding in embeddings:
         if isinstance(embedding, tuple):
