@@ -7,8 +7,10 @@ import logging
 
 import pytest
 from aiida import orm
+from ase.data import chemical_symbols
 from kkr_fixtures import has_impurity_info_input, impurity_process_nodes, kkr_archives  # noqa: F401
 
+from aiida_mlworkbench.calcfunctions.clusters import build_impurity_clusters
 from aiida_mlworkbench.kkr import (
     ImpurityEmbeddingError,
     RcutUnit,
@@ -112,6 +114,36 @@ def test_old_link_labels_and_rcut_unit(resolved):
     assert 'GFhost_folder' in kkrimp.base.links.get_incoming().all_link_labels()
     assert embedding.impurity_info['Rcut'] == pytest.approx(1.01)
     assert all(embedding.rcut_unit is RcutUnit.ANGSTROM for embedding in result if embedding not in legacy)
+
+
+def _processes_labelled(label: str) -> list[orm.ProcessNode]:
+    query = orm.QueryBuilder().append(orm.ProcessNode, filters={'attributes.process_label': label})
+    return query.order_by({orm.ProcessNode: 'id'}).all(flat=True)
+
+
+def test_two_impurity_processes_resolve_to_their_combined_embedding():
+    """aiida-kkr's combine_imps_wc and create_combined_imp_info_cf resolve to the host and the combined impurity_info,
+    the embedding of the KkrimpCalculations that the work chain ran, and its cluster holds both impurities."""
+    functions = _processes_labelled('create_combined_imp_info_cf')
+    workflows = _processes_labelled('combine_imps_wc')
+    assert functions
+    assert workflows
+    for function in functions:
+        embedding = resolve_impurity_embedding(function)
+        assert embedding.host.uuid == function.inputs.host_structure.uuid
+        assert embedding.impurity_info.uuid == function.outputs.imp_info_combined.uuid
+        assert len(embedding.impurity_info['Zimp']) == 2
+    for workflow in workflows:
+        embedding = resolve_impurity_embedding(workflow)
+        (function,) = [child for child in workflow.called if child.process_label == 'create_combined_imp_info_cf']
+        assert embedding.key == resolve_impurity_embedding(function).key
+        kkrimps = [node for node in workflow.called_descendants if node.process_label == 'KkrimpCalculation']
+        assert kkrimps
+        assert {resolve_impurity_embedding(kkrimp).key for kkrimp in kkrimps} == {embedding.key}
+        (atoms,) = build_impurity_clusters([embedding])
+        assert {chemical_symbols[number] for number in embedding.impurity_info['Zimp']} <= set(
+            atoms.get_chemical_symbols()
+        )
 
 
 @pytest.mark.parametrize(

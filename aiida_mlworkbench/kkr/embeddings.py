@@ -130,6 +130,13 @@ _LAYOUTS_BY_TYPE: dict[str, _InputLayout] = {
 }
 
 
+_COMBINED_INFO_FUNCTION = 'create_combined_imp_info_cf'
+_COMBINE_WORKFLOW = 'combine_imps_wc'
+"""aiida-kkr's two-impurity embeddings: the calcfunction that makes the combined ``impurity_info`` (output
+``imp_info_combined``, ``imp_cls`` rows with both impurities) from the host ``StructureData`` (input
+``host_structure``), and the work chain that calls it."""
+
+
 def _describe(node: orm.Node) -> str:
     label = getattr(node, 'process_label', None) or type(node).__name__
     return f'{label}<{node.pk}>' if node.is_stored else f'unstored {label}'
@@ -252,15 +259,40 @@ class _Resolver:
             raise ImpurityEmbeddingError(node, 'calculations of aiida-kkr < 1.0 and >= 1.0 cut its cluster.')
         return units.pop() if units else RcutUnit.ANGSTROM
 
+    def _combined(self, node: orm.ProcessNode) -> ImpurityEmbedding:
+        """The two-impurity embedding of a ``combine_imps_wc`` or ``create_combined_imp_info_cf``: the host and the
+        combined ``impurity_info`` of the calcfunction (the one the work chain called)."""
+        function = node
+        if node.process_label == _COMBINE_WORKFLOW:
+            called = [
+                child
+                for child in node.called
+                if child.process_label == _COMBINED_INFO_FUNCTION and child.is_finished_ok
+            ]
+            if len(called) != 1:
+                raise ImpurityEmbeddingError(
+                    node, f'it called {len(called)} finished {_COMBINED_INFO_FUNCTION}, so its embedding is not known.'
+                )
+            function = called[0]
+        outputs = function.base.links.get_outgoing(link_label_filter='imp_info_combined').all_nodes()
+        hosts = function.base.links.get_incoming(link_label_filter='host_structure').all_nodes()
+        if len(outputs) != 1 or not isinstance(outputs[0], orm.Dict):
+            raise ImpurityEmbeddingError(node, f'{_describe(function)} has no output imp_info_combined Dict.')
+        if len(hosts) != 1 or not isinstance(hosts[0], orm.StructureData):
+            raise ImpurityEmbeddingError(node, f'{_describe(function)} has no input host_structure StructureData.')
+        return ImpurityEmbedding(host=hosts[0], impurity_info=outputs[0], sources=(node,))
+
     def resolve(self, node: orm.Node) -> ImpurityEmbedding:
         if not isinstance(node, orm.ProcessNode):
             raise ImpurityEmbeddingError(node, f'it is a {type(node).__name__}, not an aiida-kkr process.')
+        if node.process_label in (_COMBINE_WORKFLOW, _COMBINED_INFO_FUNCTION):
+            return self._combined(node)
         layout = _layout_of(node)
         if layout is None:
             raise ImpurityEmbeddingError(
                 node,
                 f'process type {node.process_type!r} is none of the aiida-kkr impurity processes '
-                f'({", ".join(sorted(_LAYOUTS_BY_LABEL))}).',
+                f'({", ".join(sorted([*_LAYOUTS_BY_LABEL, _COMBINE_WORKFLOW, _COMBINED_INFO_FUNCTION]))}).',
             )
         self.prefetch([node])
         inputs = self._inputs[node.pk]
