@@ -132,6 +132,35 @@ def test_prediction_work_chain_predicts_what_the_model_would(spin_moment_run, em
     )
 
 
+def test_surrogate_runs_on_the_daemon(spin_moment_run, embeddings, submit_and_await):
+    """Learning the spin moments and predicting them, both submitted to the daemon (this profile's storage and broker),
+    give the results of the runs in this process."""
+    node = orm.load_node(spin_moment_run)
+    builder = ImpurityLearningWorkChain.get_builder_from_clusters(
+        node.outputs.clusters,
+        target='kkr',
+        kkr_target=SPIN_MOMENT,
+        descriptor=node.inputs.descriptor.get_dict(),
+        estimator=node.inputs.estimator.get_dict(),
+        split=node.inputs.split.get_dict(),
+    )
+    learned = submit_and_await(builder, timeout=300)
+    assert learned.is_finished_ok, learned.exit_message
+    assert learned.outputs.features.checksum == node.outputs.features.checksum
+    assert learned.outputs.metrics.get_dict() == node.outputs.metrics.get_dict()
+
+    pairs = [(embedding.host, embedding.impurity_info) for embedding in embeddings[:4]]
+    builder = ImpurityPredictionWorkChain.get_builder_from_embeddings(learned.outputs.model, pairs)
+    prediction = submit_and_await(builder, timeout=300)
+    assert prediction.is_finished_ok, prediction.exit_message
+    np.testing.assert_allclose(
+        prediction.outputs.predictions.get_array('predicted'),
+        node.outputs.model.predict(prediction.outputs.features),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
 def test_predict_from_clusters_equals_predict_from_features(spin_moment_run):
     node = orm.load_node(spin_moment_run)
     model, clusters = node.outputs.model, node.outputs.kept_clusters
