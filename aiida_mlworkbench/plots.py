@@ -61,7 +61,7 @@ def _pairs(node: orm.Node, task: str, figure: str, instead: str) -> tuple[np.nda
     return predictions.get_array('true'), predictions.get_array('predicted'), attributes, metrics
 
 
-def _pyplot():
+def _pyplot() -> t.Any:
     import matplotlib
 
     matplotlib.use('Agg', force=True)
@@ -85,12 +85,13 @@ def plot_parity(node: orm.Node, path: str | pathlib.Path, *, dpi: int = 150) -> 
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(4.8, 4.6), layout='constrained')
     axes.scatter(truth, predicted, s=14, alpha=0.7, edgecolors='none', label=f'test rows ({truth.size})')
-    both = np.concatenate([truth, predicted]) if truth.size else np.array([0.0, 1.0])
+    baseline = metrics.get('baseline') or {}
+    shown = [truth, predicted] + ([np.array([baseline['predicted']])] if baseline.get('predicted') is not None else [])
+    both = np.concatenate(shown) if truth.size else np.array([0.0, 1.0])
     low, high = float(both.min()), float(both.max())
     margin = 0.05 * (high - low or 1.0)
     limits = (low - margin, high + margin)
     axes.plot(limits, limits, color='0.4', linewidth=1, label='predicted = true')
-    baseline = metrics.get('baseline') or {}
     if baseline.get('predicted') is not None:
         axes.axhline(baseline['predicted'], color='tab:orange', linewidth=1, linestyle='--', label='mean of training')
     axes.set(xlim=limits, ylim=limits, aspect='equal')
@@ -132,6 +133,8 @@ def _save(figure: t.Any, path: str | pathlib.Path, dpi: int) -> pathlib.Path:
     path = pathlib.Path(path)
     try:
         figure.savefig(path, dpi=dpi, format='png')
+    except OSError as exception:
+        raise PlotError(f'cannot write {path}: {exception.strerror or exception}') from None
     finally:
         plt.close(figure)
     return path

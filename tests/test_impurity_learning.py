@@ -388,6 +388,23 @@ def test_exit_codes(clusters, synthetic_embeddings, make_builder, exit_code, mes
     assert named in node.exit_message
 
 
+def test_prediction_work_chain_reports_a_failed_extraction(synthetic_embeddings):
+    """The prediction work chain extracts the clusters of new embeddings; an extraction that fails ends it with exit
+    code 401, naming the extraction as label<pk>."""
+    from sklearn.dummy import DummyRegressor
+
+    from aiida_mlworkbench.workflows import ImpurityPredictionWorkChain
+
+    model = TrainedModel(DummyRegressor().fit(np.zeros((2, 1)), [0.0, 1.0]), descriptor=SMALL_SOAP).store()
+    host, _ = synthetic_embeddings[0]
+    broken = orm.Dict({'ilayer_center': 0, 'Rcut': 4.0, 'Zimp': [26], 'Rimp_rel': [[0.3, 0.0, 0.0]]})
+    _, node = run_get_node(ImpurityPredictionWorkChain.get_builder_from_embeddings(model, [(host, broken)]))
+    assert node.exit_status == ImpurityPredictionWorkChain.exit_codes.ERROR_CLUSTER_EXTRACTION.status
+    (extraction,) = node.called
+    assert f'extract_clusters<{extraction.pk}>' in node.exit_message
+    assert 'no site of the cluster' in node.exit_message
+
+
 @pytest.mark.parametrize('source', ['embeddings', 'clusters'])
 def test_submit_to_daemon(source, synthetic_embeddings, clusters, submit_and_await):
     """The production way: submitted to daemon workers (ZeroMQ broker on SQLite, RabbitMQ on PostgreSQL)."""

@@ -210,3 +210,27 @@ def test_import_archives_names_a_missing_file(tmp_path):
     missing = tmp_path / 'nowhere.aiida'
     with pytest.raises(FileNotFoundError, match=r'nowhere\.aiida'):
         import_archives([missing])
+
+
+def test_archive_group_imports_each_archive_once(kkr_archives_dir, tmp_path):
+    """The group gets every archive of the folder; a second call imports nothing, and an import that did not finish
+    (its archive not recorded in the group's extra) is done again by the next call."""
+    from aiida_mlworkbench.kkr.archives import ARCHIVES_EXTRA, archive_group
+
+    names = ['kkrflex_writeout_wc.aiida', 'export_kkr_flex.tar.gz']
+    for name in names:
+        (tmp_path / name).symlink_to(kkr_archives_dir / name)
+    label = f'tests/archive_group/{tmp_path.name}'
+    group = archive_group(tmp_path, label)
+    count = group.count()
+    assert count > 0
+    assert sorted(group.base.extras.get(ARCHIVES_EXTRA)) == sorted(names)
+
+    group.base.extras.set(ARCHIVES_EXTRA, names[:1])  # as if the second import had been interrupted
+    again = archive_group(tmp_path, label)
+    assert again.pk == group.pk
+    assert sorted(again.base.extras.get(ARCHIVES_EXTRA)) == sorted(names)
+    assert again.count() == count
+
+    with pytest.raises(FileNotFoundError, match='no aiida-kkr archives'):
+        archive_group(tmp_path / 'empty', label)

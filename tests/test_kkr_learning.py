@@ -13,7 +13,7 @@ from aiida_mlworkbench.calcfunctions.clusters import build_impurity_clusters
 from aiida_mlworkbench.calcfunctions.featurize import featurize
 from aiida_mlworkbench.calcfunctions.predict import predict
 from aiida_mlworkbench.data import TrainedModel
-from aiida_mlworkbench.kkr import resolve_impurity_embeddings
+from aiida_mlworkbench.kkr import find_kkr_results, resolve_impurity_embeddings
 from aiida_mlworkbench.workflows import ImpurityLearningWorkChain, ImpurityPredictionWorkChain
 
 KKRIMP = 'aiida.calculations:kkr.kkrimp'
@@ -96,7 +96,8 @@ def test_learns_a_kkr_result_with_unit_baseline_and_test_pairs(spin_moment_run):
 
 
 def test_graph_leads_from_the_model_to_the_kkr_calculations(spin_moment_run):
-    """QueryBuilder walks from the trained model to every KkrimpCalculation whose result it learned, and to no other."""
+    """QueryBuilder walks from the trained model to the KkrimpCalculation runs of the embeddings it learned (the
+    targets' inputs, of which the policy chose one per row), and to no other."""
     node = orm.load_node(spin_moment_run)
     builder = orm.QueryBuilder()
     builder.append(TrainedModel, filters={'id': node.outputs.model.pk}, tag='model')
@@ -106,10 +107,16 @@ def test_graph_leads_from_the_model_to_the_kkr_calculations(spin_moment_run):
     builder.append(orm.Dict, with_outgoing='make_targets', tag='results')
     builder.append(orm.CalcJobNode, with_outgoing='results', project='uuid', filters={'process_type': KKRIMP})
     learned_from = set(builder.all(flat=True))
+    every_run = find_kkr_results(node.outputs.clusters)
+    assert learned_from == {result.calculation.uuid for runs in every_run.values() for result in runs}
     sources = node.outputs.targets.base.attributes.get('sources')
     assert {orm.load_node(uuid).creator.uuid for uuid in sources} <= learned_from
-    # the other inputs are the runs not chosen (unconverged, or earlier converged ones): inputs, not learned values
-    assert len(learned_from) >= len(set(sources))
+
+    # the kept rows, made by kkr_result_targets, still lead to their runs
+    kept = node.outputs.kept_clusters
+    runs_of_kept = find_kkr_results(kept)
+    assert list(runs_of_kept) == kept.keys
+    assert all(runs_of_kept[key] == every_run[key] for key in kept.keys)
 
 
 def test_prediction_work_chain_predicts_what_the_model_would(spin_moment_run, embeddings):
@@ -195,6 +202,49 @@ def test_model_refuses_clusters_with_species_it_never_saw(magnetic_run):
     assert process.exit_status == 373
     assert f'row {unseen[0]}, key `{clusters.keys[unseen[0]]}`' in process.exit_message
     assert not outputs
+
+
+@pytest.mark.parametrize(
+    ('descriptor', 'status'), [({}, 372), ({'name': 'no-such-descriptor'}, 378), ({'name': 'soap', 'n_max': 0}, 378)]
+)
+def test_predict_from_clusters_needs_a_usable_descriptor(spin_moment_run, descriptor, status):
+    """Clusters can only be described with the descriptor the model records: none, or an unusable one, is an exit
+    code, and the prediction work chain refuses a model without one before anything runs."""
+    node = orm.load_node(spin_moment_run)
+    model = TrainedModel(node.outputs.model.load(), descriptor=descriptor).store()
+    outputs, process = predict.run_get_node(model, clusters=node.outputs.kept_clusters)
+    assert process.exit_status == status
+    assert not outputs
+    if not descriptor:
+        with pytest.raises(ValueError, match='records no descriptor'):
+            run_get_node(ImpurityPredictionWorkChain.get_builder_from_clusters(model, node.outputs.kept_clusters))
+
+
+def _failing_model(node: orm.WorkChainNode, step: str) -> TrainedModel:
+    """A model whose prediction work chain fails at ``step``: a descriptor that cannot describe the clusters, or an
+    estimator that cannot take sparse rows (naive Bayes fitted on dense ones)."""
+    model = node.outputs.model
+    if step == 'featurize':
+        return TrainedModel(model.load(), descriptor={**model.descriptor, 'species': ['Cu']})
+    from sklearn.naive_bayes import GaussianNB
+
+    features, targets = node.outputs.features, node.outputs.targets.get_array('targets')
+    estimator = GaussianNB().fit(features.get_rows(range(features.n_rows)).toarray(), (targets > 2).astype(int))
+    return TrainedModel(estimator, descriptor=model.descriptor)
+
+
+@pytest.mark.parametrize(('step', 'exit_code', 'child_status'), [('featurize', 402, 341), ('predict', 408, 377)])
+def test_prediction_work_chain_names_the_failed_step(spin_moment_run, step, exit_code, child_status):
+    """A failing step ends the prediction work chain with its exit code and a report naming the step as label<pk>."""
+    node = orm.load_node(spin_moment_run)
+    model = _failing_model(node, step).store()
+    _, run = run_get_node(ImpurityPredictionWorkChain.get_builder_from_clusters(model, node.outputs.clusters))
+    assert run.exit_status == exit_code
+    (child,) = [child for child in run.called if child.process_label == step]
+    assert child.exit_status == child_status
+    assert f'{step}<{child.pk}>' in run.exit_message
+    reports = [log.message for log in orm.Log.collection.get_logs_for(run)]
+    assert any(f'{step}<{child.pk}> failed with exit status {child_status}' in line for line in reports)
 
 
 @pytest.mark.parametrize('given', [(), ('features', 'clusters')])

@@ -605,6 +605,49 @@ def test_scipy_stats_payload_in_a_pipeline(kind, pipeline, dataset, scoring_inpu
     assert not marker.exists()
 
 
+PREDICT_REFUSALS = {'unsafe': 'unsafe_model', 'unreadable': 'corrupted_model', 'features': 'corrupted_input'}
+
+
+@pytest.mark.parametrize('damage', PREDICT_REFUSALS)
+def test_predict_refuses_what_it_cannot_trust(damage, pipeline, dataset, scoring_inputs, tmp_path):
+    """predict, like score_model, turns a forged model, an unreadable one and a damaged feature file into exit codes,
+    stores no prediction and runs nothing of the model."""
+    from aiida_mlworkbench.calcfunctions.predict import EXIT_CODES as PREDICT_EXIT_CODES
+    from aiida_mlworkbench.calcfunctions.predict import predict
+
+    marker = tmp_path / 'pwned'
+    features = orm.load_node(scoring_inputs['features'])
+    if damage == 'unsafe':
+        model = _swapped_model(pipeline, pickle.dumps(_hidden_in_pipeline(pipeline, 'frozen', marker), protocol=5))
+    elif damage == 'unreadable':
+        model = _swapped_model(pipeline, b'\x80\x05not a pickle')
+    else:
+        model = TrainedModel(pipeline)
+        matrix = SparseFeatureMatrix(dataset[0] * 3.0).store()  # other bytes than the shared matrix
+        _loose_path(matrix, SparseFeatureMatrix.FILENAME).write_bytes(b'this is not an HDF5 file')
+        features = orm.load_node(matrix.pk)
+    outputs, process = predict.run_get_node(model=orm.load_node(model.store().pk), features=features)
+    assert process.is_finished
+    assert process.exit_status == PREDICT_EXIT_CODES[PREDICT_REFUSALS[damage]].status
+    assert not outputs
+    assert not process.base.links.get_outgoing().all()
+    assert not marker.exists()
+
+
+def test_predict_turns_a_failing_model_into_an_exit_code(dataset, scoring_inputs):
+    """A model that cannot take sparse rows (naive Bayes fitted on dense ones) fails with exit code 377, named."""
+    from sklearn.naive_bayes import GaussianNB
+
+    from aiida_mlworkbench.calcfunctions.predict import predict
+
+    features, labels, _ = dataset
+    model = TrainedModel(GaussianNB().fit(features.toarray(), labels)).store()
+    outputs, process = predict.run_get_node(model=model, features=orm.load_node(scoring_inputs['features']))
+    assert process.exit_status == 377
+    assert 'sparse' in process.exit_message
+    assert not outputs
+
+
 def test_scipy_stats_payload_through_an_archive(pipeline, dataset, scoring_inputs, tmp_path, fresh_profile):
     """The hostile route: a forged node passes store() and archive export/import; the importing side refuses it."""
     marker = tmp_path / 'pwned'

@@ -13,6 +13,7 @@ import scipy.sparse
 from aiida import orm
 from aiida.engine import ExitCode, calcfunction
 
+from aiida_mlworkbench.calcfunctions.learning_inputs import TARGET_DESCRIPTION
 from aiida_mlworkbench.data import (
     CorruptedClustersError,
     CorruptedFeatureMatrixError,
@@ -38,17 +39,21 @@ EXIT_CODES = {
     'corrupted_model': ExitCode(375, 'the model cannot be read: {detail}'),
     'corrupted_input': ExitCode(376, 'the {what} cannot be read: {detail}'),
     'prediction_failed': ExitCode(377, 'the model failed to predict: {detail}'),
+    'invalid_descriptor': ExitCode(378, 'the descriptor the model records cannot describe these clusters: {detail}'),
 }
 
 
 def _clusters_features(model: TrainedModel, clusters: ImpurityClusters) -> Iterator[scipy.sparse.csr_array]:
-    """Yield the feature rows of ``clusters`` block by block, described with the model's descriptor (its species
-    list included, so that a cluster with another species is refused rather than described differently)."""
+    """Return the feature rows of ``clusters``, to be computed block by block, described with the model's descriptor
+    (its species list included, so that a cluster with another species is refused rather than described otherwise).
+
+    The descriptor is built and checked against every cluster now, before any block is computed.
+    """
     featurizer = get_descriptor(model.descriptor)
     atoms = clusters.get_atoms_list()
     featurizer.fit(atoms)
     model.check_features(scipy.sparse.csr_array((0, featurizer.n_features)))
-    yield from featurizer.iter_blocks(atoms, block_size=DEFAULT_BLOCK_SIZE)
+    return featurizer.iter_blocks(atoms, block_size=DEFAULT_BLOCK_SIZE)
 
 
 @calcfunction
@@ -82,15 +87,19 @@ def predict(
                 model=model, hint='featurize the clusters as the training features were, and give `features`'
             )
         else:
-            blocks = _clusters_features(model, clusters)
+            try:
+                blocks = _clusters_features(model, clusters)
+            except (StructureNotDescribableError, IncompatibleFeaturesError, CorruptedClustersError):
+                raise  # named below
+            except (ValueError, TypeError, KeyError) as exception:
+                return EXIT_CODES['invalid_descriptor'].format(detail=str(exception))
         predicted = [estimator.predict(block) for block in blocks]
     except IncompatibleFeaturesError as exception:
         return EXIT_CODES['incompatible_features'].format(detail=str(exception))
     except StructureNotDescribableError as exception:
-        key = clusters.keys[exception.index]
         return EXIT_CODES['species_outside_list'].format(
-            detail=f'{exception} (row {exception.index}, key `{key}`): the model can only describe the species it '
-            'was trained on'
+            detail=f'{exception} (row {exception.index}, key `{clusters.keys[exception.index]}`): the model can only '
+            'describe the species it was trained on'
         )
     except (CorruptedFeatureMatrixError, CorruptedClustersError) as exception:
         what = 'features' if features is not None else 'clusters'
@@ -102,5 +111,7 @@ def predict(
     task = model.base.attributes.get('task')
     result = orm.ArrayData()
     result.set_array('predicted', values.astype(str) if task == 'classification' else values.astype(float))
-    result.base.attributes.set_many({'task': task, 'n_rows': int(values.size), **model.target})
+    target = model.target if isinstance(model.target, dict) else {}
+    described = {key: target[key] for key in TARGET_DESCRIPTION if isinstance(target.get(key), str)}
+    result.base.attributes.set_many({'task': task, 'n_rows': int(values.size), **described})
     return result

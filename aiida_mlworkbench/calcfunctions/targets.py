@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import typing as t
 
 import numpy as np
@@ -11,6 +12,7 @@ from aiida.engine import ExitCode, calcfunction
 from aiida_mlworkbench.calcfunctions.lattice import DEFAULT_SYMPREC, check_symprec, classify_lattice
 from aiida_mlworkbench.calcfunctions.learning_inputs import CalcfunctionInputError
 from aiida_mlworkbench.data import CorruptedClustersError, ImpurityClusters
+from aiida_mlworkbench.engine import calcfunction_with_many_inputs
 
 __all__ = (
     'EXIT_CODES',
@@ -141,12 +143,20 @@ def targets_from_values(values: orm.List) -> orm.ArrayData:
     return targets
 
 
+def _is_runs(runs: t.Any) -> bool:
+    """Whether ``runs`` is a namespace of runs ``c<i>``, each a ``Dict``."""
+    return isinstance(runs, dict) and all(
+        isinstance(label, str) and re.fullmatch(r'c\d+', label) is not None and isinstance(run, orm.Dict)
+        for label, run in runs.items()
+    )
+
+
 def _describe_run(parameters: orm.Dict) -> str:
     creator = parameters.creator
     return f'{creator.process_label}<{creator.pk}>' if creator is not None else f'output_parameters<{parameters.pk}>'
 
 
-@calcfunction
+@calcfunction_with_many_inputs
 def kkr_result_targets(
     clusters: ImpurityClusters, target: orm.Dict, **results: t.Any
 ) -> dict[str, orm.Data] | ExitCode:
@@ -173,9 +183,10 @@ def kkr_result_targets(
         keys = clusters.keys
     except CorruptedClustersError as exception:
         return EXIT_CODES['corrupted_clusters'].format(detail=str(exception))
-    if runs_of is None or not all(isinstance(runs, dict) for runs in runs_of.values()):
+    if runs_of is None or not all(_is_runs(runs) for runs in runs_of.values()):
         return EXIT_CODES['invalid_kkr_results'].format(
-            detail=f'give the namespace `results` only (results.<row key>.c<i>: Dict), not {sorted(results)}'
+            detail=f'give the namespace `results` only, as results.<row key>.c<i> (a Dict each, i = 0, 1, ... oldest '
+            f'first), not {sorted(results) if runs_of is None else sorted(runs_of)[:5]}'
         )
     stray = sorted(set(runs_of) - set(keys))
     if stray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 
 import click
+from aiida import orm
 from aiida.cmdline.params import arguments
 from aiida.cmdline.utils import decorators, echo
 
@@ -25,7 +26,8 @@ OUTPUT = click.option(
 )
 
 
-def _write(figure: str, node, output: pathlib.Path) -> None:
+def _write(figure: str, node: orm.Node, output: pathlib.Path) -> None:
+    """Draw ``figure`` of ``node`` into ``output``; a node without what the figure needs is a clear error."""
     from aiida_mlworkbench import plots
 
     draw = {'parity': plots.plot_parity, 'confusion': plots.plot_confusion}[figure]
@@ -40,7 +42,7 @@ def _write(figure: str, node, output: pathlib.Path) -> None:
 @arguments.NODE()
 @OUTPUT
 @decorators.with_dbenv()
-def plot_parity(node, output: pathlib.Path) -> None:
+def plot_parity(node: orm.Node, output: pathlib.Path) -> None:
     """Parity plot of a regression: predicted against true value of each test row.
 
     NODE is an ImpurityLearningWorkChain, a score_model process or its `predictions` output.
@@ -52,7 +54,7 @@ def plot_parity(node, output: pathlib.Path) -> None:
 @arguments.NODE()
 @OUTPUT
 @decorators.with_dbenv()
-def plot_confusion(node, output: pathlib.Path) -> None:
+def plot_confusion(node: orm.Node, output: pathlib.Path) -> None:
     """Confusion matrix of a classification on its test rows.
 
     NODE is an ImpurityLearningWorkChain, a score_model process or its `predictions` output.

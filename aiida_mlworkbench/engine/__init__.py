@@ -1,10 +1,12 @@
 """The one place where aiida-mlworkbench touches aiida-core internals: linking processes with thousands of inputs.
 
-Everything else in the package uses aiida-core's public API. This module exists for two processes only: the cluster
-extraction (:func:`~aiida_mlworkbench.calcfunctions.clusters.extract_impurity_clusters`), which consumes the
-``impurity_info`` node of every embedding of a database, and the learning work chain when it is given those
-embeddings. aiida-core 2.9 validates each new input link against all links added before it (comparing nodes by value),
-which makes a process with N inputs cost O(N^2): minutes for the 1752 embeddings of the reference study.
+Everything else in the package uses aiida-core's public API. This module exists for the processes that consume one
+aiida-kkr node per embedding of a database: the cluster extraction
+(:func:`~aiida_mlworkbench.calcfunctions.clusters.extract_impurity_clusters`, every ``impurity_info``), the KKR
+targets (:func:`~aiida_mlworkbench.calcfunctions.targets.kkr_result_targets`, the ``output_parameters`` of every
+KkrimpCalculation run) and the work chains when they are given the embeddings. aiida-core 2.9 validates each new
+input link against all links added before it (comparing nodes by value), which makes a process with N inputs cost
+O(N^2): minutes for the 1752 embeddings of the reference study.
 
 :class:`ManyInputs` replaces that one step, ``Process._setup_inputs``, for a process with at least
 :data:`MANY_INPUTS` inputs: it checks the rules of :func:`aiida.orm.utils.links.validate_link` that can fail for the

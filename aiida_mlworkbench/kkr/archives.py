@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from aiida import orm
 
-__all__ = ('archive_group', 'import_archives')
+__all__ = ('ARCHIVES_EXTRA', 'archive_group', 'import_archives')
 
 
 def import_archives(paths: Iterable[str | pathlib.Path], group: orm.Group | None = None) -> list[orm.Group]:
@@ -47,8 +47,15 @@ def import_archives(paths: Iterable[str | pathlib.Path], group: orm.Group | None
     return groups
 
 
+ARCHIVES_EXTRA = 'mlworkbench_archives'
+"""The extra of a group made by :func:`archive_group` that lists the archive files imported into it, one by one."""
+
+
 def archive_group(folder: str | pathlib.Path, label: str) -> orm.Group:
-    """Return the group ``label``, after importing every archive of ``folder`` into it if it is empty.
+    """Return the group ``label`` with the nodes of every archive in ``folder``, importing those not imported yet.
+
+    Each archive's file name is recorded in the group's extra :data:`ARCHIVES_EXTRA` once its import finished, so an
+    interrupted import is completed by the next call, and a second call imports nothing.
 
     :raises FileNotFoundError: if ``folder`` holds no archive (``*.aiida``, ``*.tar.gz``).
     """
@@ -57,6 +64,10 @@ def archive_group(folder: str | pathlib.Path, label: str) -> orm.Group:
     if not paths:
         raise FileNotFoundError(f'no aiida-kkr archives (*.aiida, *.tar.gz) in {folder}')
     group, _ = orm.Group.collection.get_or_create(label)
-    if not group.count():
-        import_archives(paths, group=group)
+    imported = list(group.base.extras.get(ARCHIVES_EXTRA, []))
+    for path in paths:
+        if path.name not in imported:
+            import_archives([path], group=group)
+            imported.append(path.name)
+            group.base.extras.set(ARCHIVES_EXTRA, imported)
     return group

@@ -228,7 +228,8 @@ class KkrResult:
 
 
 def _source_extraction(clusters: ImpurityClusters) -> orm.CalcFunctionNode:
-    """The extraction that made ``clusters``, through any ``select_clusters`` subsets."""
+    """The extraction that made ``clusters``, through any ``select_clusters`` subsets and the rows that
+    ``kkr_result_targets`` kept."""
     node: orm.Node = clusters
     for _ in range(1000):
         creator = node.creator
@@ -236,7 +237,7 @@ def _source_extraction(clusters: ImpurityClusters) -> orm.CalcFunctionNode:
             break
         if creator.process_label == 'extract_impurity_clusters':
             return creator
-        if creator.process_label != 'select_clusters':
+        if creator.process_label not in ('select_clusters', 'kkr_result_targets'):
             break
         node = creator.inputs.clusters
     raise KkrTargetError(

@@ -26,7 +26,14 @@ from aiida_mlworkbench.data import ImpurityClusters
 from aiida_mlworkbench.engine import ManyInputs
 from aiida_mlworkbench.kkr.geometry import RcutUnit
 
-__all__ = ('ClusterSource', 'embeddings_pairs', 'validate_cluster_source')
+__all__ = ('ClusterSource', 'embeddings_pairs', 'validate_cluster_source', 'validate_n_jobs')
+
+
+def validate_n_jobs(value: t.Any, _: t.Any) -> str | None:
+    """The number of featurization processes: a non-zero integer, -1 for all cores."""
+    if isinstance(value, bool) or not isinstance(value, int) or value == 0:
+        return f'n_jobs must be a non-zero integer (-1 for all cores), got {value!r}'
+    return None
 
 
 def validate_rcut_units(nodes: Mapping[str, orm.Str], _: t.Any) -> str | None:
@@ -53,8 +60,10 @@ def validate_cluster_source(inputs: Mapping[str, t.Any]) -> str | None:
     rcut_units = embeddings.get('rcut_units', {})
     if not set(rcut_units) <= set(infos):
         return f'embeddings.rcut_units has keys that are not embeddings: {sorted(set(rcut_units) - set(infos))[:5]}'
-    if not infos:
+    if clusters is not None:
         return None
+    if not infos:
+        return 'embeddings.impurity_infos is empty: give one impurity_info per embedding, or ready `clusters`'
     if 'host_of' not in embeddings:
         return 'embeddings.host_of is missing: a Dict from each embedding key to its host key (embedding_inputs)'
     host_of = embeddings['host_of'].get_dict()
@@ -101,8 +110,10 @@ def embeddings_pairs(embeddings: Iterable[t.Any]) -> tuple[list, list, list]:
 class ClusterSource(ManyInputs, WorkChain):
     """Work chain base: the rows come as aiida-kkr embeddings (extracted by :meth:`extract_clusters`) or as clusters.
 
-    A derived work chain calls :meth:`define_cluster_source` in ``define``, defines the exit code
-    ``ERROR_CLUSTER_EXTRACTION`` and puts ``if_(cls.has_embeddings)(cls.extract_clusters)`` first in its outline.
+    A derived work chain calls :meth:`define_cluster_source` in ``define`` (the ``embeddings``, ``clusters`` and
+    ``n_jobs`` inputs, the ``clusters`` output), defines the exit codes ``ERROR_CLUSTER_EXTRACTION`` and
+    ``ERROR_FEATURIZATION`` and the output ``features``, and puts ``if_(cls.has_embeddings)(cls.extract_clusters)``
+    first in its outline; :meth:`_featurize` then makes the features.
     """
 
     @classmethod
@@ -147,6 +158,14 @@ class ClusterSource(ManyInputs, WorkChain):
             valid_type=ImpurityClusters,
             required=False,
             help='Ready impurity clusters instead of embeddings, one row per sample.',
+        )
+        spec.input(
+            'n_jobs',
+            valid_type=int,
+            non_db=True,
+            default=1,
+            validator=validate_n_jobs,
+            help='The number of processes for featurization, which changes the speed and never the features.',
         )
         spec.output(
             'clusters',
@@ -195,10 +214,12 @@ class ClusterSource(ManyInputs, WorkChain):
         return None
 
     def _clusters(self) -> ImpurityClusters:
+        """The clusters of the rows: given, or extracted by :meth:`extract_clusters`."""
         return self.inputs.clusters if 'clusters' in self.inputs else self.outputs['clusters']
 
     @classmethod
     def _builder_from_embeddings(cls, embeddings: Iterable[t.Any]) -> ProcessBuilder:
+        """A builder with the ``embeddings`` namespace of the pairs, row ``i`` under ``embedding_key(i)``."""
         hosts, infos, units = embeddings_pairs(embeddings)
         builder = cls.get_builder()
         builder.embeddings = embedding_inputs([embedding_key(i) for i in range(len(infos))], hosts, infos, units)

@@ -9,6 +9,7 @@ The targets are the host lattice type, given values, or a quantity that juKKR co
 
 from __future__ import annotations
 
+import re
 import typing as t
 from collections.abc import Iterable, Mapping
 
@@ -90,12 +91,6 @@ def validate_target_values(node: orm.List, _: t.Any) -> str | None:
     return None
 
 
-def validate_n_jobs(value: t.Any, _: t.Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value == 0:
-        return f'n_jobs must be a non-zero integer (-1 for all cores), got {value!r}'
-    return None
-
-
 def validate_kkr_target(node: orm.Dict, _: t.Any) -> str | None:
     """The KKR target specification must name a known quantity or key path and known policies."""
     try:
@@ -134,9 +129,16 @@ def validate_inputs(inputs: Mapping[str, t.Any], _: t.Any) -> str | None:
         if 'kkr_target' not in inputs:
             return "target `kkr` needs the input `kkr_target`, e.g. {'quantity': 'total_spin_moment'}"
         rows = set(inputs['embeddings']['impurity_infos']) if clusters is None else set(clusters.keys)
-        stray = sorted(set(inputs.get('kkr_results', {})) - rows)
+        kkr_results = inputs.get('kkr_results', {})
+        stray = sorted(set(kkr_results) - rows)
         if stray:
             return f'kkr_results has results of no row: {stray[:5]}; the builders find them for you'
+        malformed = sorted(key for key, runs in kkr_results.items() if not _is_runs(runs))
+        if malformed:
+            return (
+                f'kkr_results.{malformed[0]} must be a namespace of runs c0, c1, ... (oldest first), each the '
+                'output_parameters Dict of a KkrimpCalculation; the builders find them for you'
+            )
     elif 'kkr_target' in inputs or inputs.get('kkr_results'):
         return f'kkr_target or kkr_results is given but the target is `{target}`: set target to `kkr` to use them'
     if target == 'host_lattice' and clusters is not None and not clusters.hosts:
@@ -160,10 +162,11 @@ class ImpurityLearningWorkChain(ClusterSource):
 
     Takes the impurity embeddings as aiida-kkr stored them (the host ``StructureData`` and ``impurity_info`` ``Dict``
     nodes, see :meth:`get_builder_from_kkr`) or a ready :class:`~aiida_mlworkbench.data.ImpurityClusters`, and runs
-    cluster extraction, featurization, targets, a train/test split, training and scoring, each as a calcfunction
-    whose outputs the work chain exposes. Given embeddings, it has one input per embedding and links them with
-    :class:`~aiida_mlworkbench.engine.ManyInputs`; given clusters, it has a handful of inputs. With the target
-    ``kkr``, it learns what juKKR computed for each embedding (see :meth:`get_builder_from_kkr`).
+    cluster extraction, targets, featurization (of the rows that have a target), a train/test split, training and
+    scoring, each as a calcfunction whose outputs the work chain exposes. Given embeddings, it has one input per
+    embedding and links them with :class:`~aiida_mlworkbench.engine.ManyInputs`; given clusters, it has a handful of
+    inputs. With the target ``kkr``, it learns what juKKR computed for each embedding (see
+    :meth:`get_builder_from_kkr`).
     """
 
     @classmethod
@@ -232,14 +235,6 @@ class ImpurityLearningWorkChain(ClusterSource):
             help='The estimator specification: estimator (an allow-listed name), parameters, scaler, kernel and '
             'training.',
         )
-        spec.input(
-            'n_jobs',
-            valid_type=int,
-            non_db=True,
-            default=1,
-            validator=validate_n_jobs,
-            help='The number of processes for featurization, which changes the speed and never the features.',
-        )
         spec.inputs.validator = validate_inputs
 
         spec.outline(
@@ -262,12 +257,18 @@ class ImpurityLearningWorkChain(ClusterSource):
         spec.output('groups', valid_type=orm.ArrayData, required=False, help='The host of each row (array `groups`).')
         spec.output('split', valid_type=orm.ArrayData, help='The train and test row indices (arrays `train`, `test`).')
         spec.output('model', valid_type=TrainedModel, help='The fitted estimator.')
-        spec.output('metrics', valid_type=orm.Dict, help='The test metrics, and the training score.')
+        spec.output(
+            'metrics',
+            valid_type=orm.Dict,
+            help='The test metrics and the training score; for a regression also the mean-predictor baseline, and the '
+            'quantity and unit of the targets.',
+        )
         spec.output('score', valid_type=orm.Float, help='The test accuracy (classification) or R2 (regression).')
         spec.output(
             'predictions',
             valid_type=orm.ArrayData,
-            help='The true and predicted value of each test row (arrays rows, true, predicted), for a parity plot.',
+            help='The true and predicted value of each test row (arrays rows, true, predicted), from which the parity '
+            'plot or the confusion matrix is drawn.',
         )
 
         spec.exit_code(401, 'ERROR_CLUSTER_EXTRACTION', message='Cluster extraction failed: {message}')
@@ -313,6 +314,7 @@ class ImpurityLearningWorkChain(ClusterSource):
         return None
 
     def _kkr_targets(self) -> ExitCode | None:
+        """The targets from the KKR results of each row; rows without one are left out if ``missing`` is ``drop``."""
         results = {key: dict(runs) for key, runs in self.inputs.get('kkr_results', {}).items()}
         outputs, process = kkr_result_targets.run_get_node(
             clusters=self._clusters(),
@@ -400,7 +402,7 @@ class ImpurityLearningWorkChain(ClusterSource):
         """Return a builder for (host, impurity_info) pairs or :class:`~aiida_mlworkbench.kkr.ImpurityEmbedding`
         objects, one row each in the order given.
 
-        With ``target='kkr'`` and a ``kkr_target``, the KkrimpCalculation results of each embedding are found in the
+        With ``target='kkr'`` and no ``kkr_results``, the KkrimpCalculation results of each embedding are found in the
         graph (:func:`~aiida_mlworkbench.kkr.results.find_embedding_results`) and set as ``kkr_results``.
 
         :param inputs: further inputs (descriptor, target, split, estimator, ...) as nodes or plain values.
@@ -452,6 +454,14 @@ class ImpurityLearningWorkChain(ClusterSource):
         return builder
 
 
+def _is_runs(runs: t.Any) -> bool:
+    """Whether ``runs`` is a namespace ``c<i>`` of ``Dict`` nodes, as ``kkr_result_targets`` takes it."""
+    return isinstance(runs, Mapping) and all(
+        re.fullmatch(r'c\d+', str(label)) is not None and isinstance(run, orm.Dict) for label, run in runs.items()
+    )
+
+
 def _wants_kkr_results(builder: ProcessBuilder) -> bool:
+    """Whether the builder asks for the target ``kkr`` without giving the results: then the builder finds them."""
     target = builder.get('target')
     return target is not None and target.value == 'kkr' and not builder.get('kkr_results')

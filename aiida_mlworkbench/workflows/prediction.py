@@ -53,13 +53,6 @@ class ImpurityPredictionWorkChain(ClusterSource):
             validator=validate_model,
             help='The trained model, from ImpurityLearningWorkChain or train_model; its descriptor describes the rows.',
         )
-        spec.input(
-            'n_jobs',
-            valid_type=int,
-            non_db=True,
-            default=1,
-            help='The number of processes for featurization, which changes the speed and never the features.',
-        )
         spec.inputs.validator = validate_inputs
         spec.outline(
             if_(cls.has_embeddings)(cls.extract_clusters),
@@ -118,7 +111,9 @@ class ImpurityPredictionWorkChain(ClusterSource):
         return cls.get_builder_from_embeddings(model, resolved, **inputs)
 
     @classmethod
-    def get_builder_from_clusters(cls, model: TrainedModel, clusters: ImpurityClusters, **inputs: t.Any):
+    def get_builder_from_clusters(
+        cls, model: TrainedModel, clusters: ImpurityClusters, **inputs: t.Any
+    ) -> ProcessBuilder:
         """Return a builder that predicts for a ready ``ImpurityClusters`` node."""
         builder = cls.get_builder()
         builder.model = model
