@@ -222,14 +222,14 @@ def test_predict_from_clusters_needs_a_usable_descriptor(spin_moment_run, descri
 
 def _failing_model(node: orm.WorkChainNode, step: str) -> TrainedModel:
     """A model whose prediction work chain fails at ``step``: a descriptor that cannot describe the clusters, or an
-    estimator that cannot take sparse rows (naive Bayes fitted on dense ones)."""
+    estimator that fails at prediction time (nearest neighbours fitted on fewer samples than neighbours)."""
     model = node.outputs.model
     if step == 'featurize':
         return TrainedModel(model.load(), descriptor={**model.descriptor, 'species': ['Cu']})
-    from sklearn.naive_bayes import GaussianNB
+    from sklearn.neighbors import KNeighborsRegressor
 
     features, targets = node.outputs.features, node.outputs.targets.get_array('targets')
-    estimator = GaussianNB().fit(features.get_rows(range(features.n_rows)).toarray(), (targets > 2).astype(int))
+    estimator = KNeighborsRegressor(n_neighbors=5).fit(features.get_rows([0, 1]), targets[:2])
     return TrainedModel(estimator, descriptor=model.descriptor)
 
 

@@ -635,16 +635,17 @@ def test_predict_refuses_what_it_cannot_trust(damage, pipeline, dataset, scoring
 
 
 def test_predict_turns_a_failing_model_into_an_exit_code(dataset, scoring_inputs):
-    """A model that cannot take sparse rows (naive Bayes fitted on dense ones) fails with exit code 377, named."""
-    from sklearn.naive_bayes import GaussianNB
+    """A model that fails at prediction time (nearest neighbours fitted on fewer samples than neighbours) ends
+    predict with exit code 377, scikit-learn's message in it."""
+    from sklearn.neighbors import KNeighborsClassifier
 
     from aiida_mlworkbench.calcfunctions.predict import predict
 
     features, labels, _ = dataset
-    model = TrainedModel(GaussianNB().fit(features.toarray(), labels)).store()
+    model = TrainedModel(KNeighborsClassifier(n_neighbors=5).fit(features[:2], labels[:2])).store()
     outputs, process = predict.run_get_node(model=model, features=orm.load_node(scoring_inputs['features']))
     assert process.exit_status == 377
-    assert 'sparse' in process.exit_message
+    assert 'n_neighbors' in process.exit_message
     assert not outputs
 
 
